@@ -1,0 +1,179 @@
+"""The `cborg` command: run the gateway or a node, manage keys and models."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+
+def _die(msg: str, code: int = 2) -> None:
+    print(f"cborg: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# -- router ---------------------------------------------------------------------------------
+def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
+    import uvicorn
+
+    from router.catalog import ConfigError
+    from router.config import Settings
+
+    settings = Settings.from_env()
+    try:
+        from router.catalog import load_catalog
+        load_catalog(settings.config_path)  # fail fast, with the bad field named
+    except ConfigError as e:
+        _die(str(e))
+    from cborg.logs import setup_logging
+    setup_logging(log_level)
+    kw = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
+              log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096)
+    if workers > 1:
+        uvicorn.run("router.app:create_app", factory=True, workers=workers, **kw)
+    else:
+        from router.app import create_app
+        uvicorn.run(create_app(settings), **kw)
+
+
+def cmd_router(a) -> None:
+    run_router(a.host, a.port, a.workers, a.log_level)
+
+
+def cmd_serve(a) -> None:
+    """The gateway and, once inference nodes exist, a local CPU node."""
+    run_router(a.host, a.port, 1, a.log_level)
+
+
+# -- keys -----------------------------------------------------------------------------------
+def _store():
+    from router.config import Settings
+    from router.store import open_store
+    return open_store(Settings.from_env().database_url)
+
+
+def _fmt_time(ts: float | None) -> str:
+    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def _key_fields(a) -> dict:
+    out = {}
+    for attr, field in (("alias", "alias"), ("models", "models"), ("parallel", "max_parallel"), ("rpm", "rpm"),
+                        ("tpm", "tpm"), ("budget", "max_budget"), ("budget_period", "budget_period")):
+        v = getattr(a, attr, None)
+        if v is not None:
+            out[field] = v
+    if getattr(a, "expires", None) is not None:
+        out["expires"] = a.expires
+    return out
+
+
+async def _keys(a) -> int:
+    from router.key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key
+
+    store = _store()
+    await store.init()
+    try:
+        if a.keys_cmd == "create":
+            fields = _key_fields(a)
+            expires = fields.pop("expires", "365d")
+            try:
+                secret, rec = await create_key(store, a.user, expires=expires, **fields)
+            except KeyInputError as e:
+                _die(str(e))
+            print(secret)
+            print(f"# id {rec.id}, user {rec.user_id}, expires {_fmt_time(rec.expires_at)}. "
+                  "The key is shown only now; it is stored as a hash.", file=sys.stderr)
+            return 0
+        if a.keys_cmd == "list":
+            keys = await store.list_keys(a.user)
+            for k in keys:
+                state = "revoked" if k.revoked_at else "blocked" if k.blocked else \
+                    "expired" if k.expires_at and k.expires_at < time.time() else "active"
+                print(f"{k.id}  {k.key_hint}  {k.user_id}  {k.alias or '-'}  {state}  "
+                      f"expires {_fmt_time(k.expires_at)}  models {','.join(k.models) or 'all'}  spend ${k.spend:.4f}")
+            return 0
+        rec = await find_key(store, a.key)
+        if rec is None:
+            _die(f"no key matches {a.key[:6] + '...' if a.key.startswith('sk-') else a.key}", 1)
+        if a.keys_cmd == "info":
+            print(json.dumps(rec.public(), indent=2, default=str))
+        elif a.keys_cmd == "revoke":
+            await revoke_key(store, rec.id)
+            print(f"revoked {rec.id}; every gateway replica refuses it within a few seconds")
+        elif a.keys_cmd in ("block", "unblock"):
+            await store.update_key(rec.id, {"blocked": a.keys_cmd == "block"})
+            print(f"{a.keys_cmd}ed {rec.id}")
+        elif a.keys_cmd == "update":
+            try:
+                changes = key_changes(_key_fields(a))
+            except KeyInputError as e:
+                _die(str(e))
+            rec = await store.update_key(rec.id, changes)
+            print(json.dumps(rec.public(), indent=2, default=str))
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_keys(a) -> None:
+    sys.exit(asyncio.run(_keys(a)))
+
+
+# -- parser ---------------------------------------------------------------------------------
+def _add_key_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", help="a name for the key")
+    p.add_argument("--models", help="comma-separated model names the key may use (default: all)")
+    p.add_argument("--expires", help="lifetime, e.g. 365d, 12h, never (default 365d)")
+    p.add_argument("--parallel", type=int, help="max parallel requests")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--budget", type=float, help="budget in USD per period (commercial models only)")
+    p.add_argument("--budget-period", help="budget period, e.g. 30d")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cborg", description="CBorg AI API gateway and inference node")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("router", help="run the gateway alone")
+    p.add_argument("--host", default=os.environ.get("CBORG_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("CBORG_PORT", "8000")))
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(fn=cmd_router)
+
+    p = sub.add_parser("serve", help="run the gateway with a local CPU inference node")
+    p.add_argument("--host", default=os.environ.get("CBORG_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("CBORG_PORT", "8000")))
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(fn=cmd_serve)
+
+    k = sub.add_parser("keys", help="manage API keys (in CBORG_DATABASE_URL)")
+    ks = k.add_subparsers(dest="keys_cmd", required=True)
+    c = ks.add_parser("create", help="create a key and print it once")
+    c.add_argument("--user", required=True, help="owner's e-mail")
+    _add_key_limits(c)
+    ls = ks.add_parser("list", help="list keys")
+    ls.add_argument("--user")
+    for name, helptext in (("info", "show a key"), ("revoke", "revoke a key for good"),
+                           ("block", "block a key"), ("unblock", "unblock a key")):
+        x = ks.add_parser(name, help=helptext)
+        x.add_argument("key", metavar="KEY_OR_ID")
+    u = ks.add_parser("update", help="change a key's models, limits or expiry")
+    u.add_argument("key", metavar="KEY_OR_ID")
+    _add_key_limits(u)
+    k.set_defaults(fn=cmd_keys)
+
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""Cost of a request from the catalog's prices and the upstream's usage."""
+from __future__ import annotations
+
+from .catalog import Price
+
+
+def cost_of(price: Price, usage: dict) -> float:
+    """US dollars. `prompt_tokens` includes cached and cache-write tokens (OpenAI's convention;
+    the Anthropic and Bedrock adapters report theirs the same way)."""
+    prompt = usage.get("prompt_tokens") or 0
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") or 0
+    written = usage.get("cache_creation_input_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    plain = max(prompt - cached - written, 0)
+    cached_price = price.cached_input if price.cached_input is not None else price.input
+    write_price = price.cache_write if price.cache_write is not None else price.input
+    return (plain * price.input + cached * cached_price + written * write_price
+            + completion * price.output) / 1e6
+
+
+def format_cost(cost: float) -> bytes:
+    """The x-litellm-response-cost header value, as LiteLLM writes it (str of a float)."""
+    return repr(round(cost, 12)).encode()

@@ -1,0 +1,104 @@
+"""The key admin API (LiteLLM-style paths and shapes), guarded by CBORG_MASTER_KEY."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cborg.asgi import App, HTTPError, Request, json_response
+
+from ..key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key
+from .info import is_master, key_info
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+
+def require_master(gw: "Gateway", req: Request) -> None:
+    if not gw.settings.master_key:
+        raise HTTPError(403, "The admin API is off: this gateway has no CBORG_MASTER_KEY.", code="admin_api_off")
+    if not is_master(gw, req):
+        raise HTTPError(401, "This endpoint needs the master key.", code="invalid_api_key")
+
+
+async def _body(req: Request, gw: "Gateway") -> dict[str, Any]:
+    data = await req.json(gw.settings.max_body_bytes)
+    if not isinstance(data, dict):
+        raise HTTPError(400, "Request body must be a JSON object.")
+    return data
+
+
+def register(app: App, gw: "Gateway") -> None:
+    async def lookup(ref: Any):
+        if not isinstance(ref, str) or not ref:
+            raise HTTPError(400, "Name the key: 'key' (the secret, its id, hash or alias).", param="key")
+        rec = await find_key(gw.store, ref)
+        if rec is None:
+            raise HTTPError(404, "No such key.", code="key_not_found", param="key")
+        return rec
+
+    async def generate(req: Request):
+        require_master(gw, req)
+        d = await _body(req, gw)
+        user = d.get("user_id") or d.get("user")
+        fields = {k: v for k, v in d.items() if k not in ("user_id", "user", "duration")}
+        try:
+            secret, rec = await create_key(gw.store, user, expires=d.get("duration", "365d"), **fields)
+        except KeyInputError as e:
+            raise HTTPError(400, str(e)) from None
+        gw.keys.put(rec)
+        return json_response({"key": secret, "key_id": rec.id, "token": rec.key_hash, "key_name": rec.key_hint,
+                              "key_alias": rec.alias, "user_id": rec.user_id, "models": rec.models,
+                              "expires": rec.expires_at, "info": key_info(rec)})
+
+    async def update(req: Request):
+        require_master(gw, req)
+        d = await _body(req, gw)
+        rec = await lookup(d.get("key"))
+        try:
+            changes = key_changes({k: v for k, v in d.items() if k != "key"})
+        except KeyInputError as e:
+            raise HTTPError(400, str(e)) from None
+        rec = await gw.store.update_key(rec.id, changes) if changes else rec
+        gw.keys.put(rec)
+        return json_response({"key": rec.id, "info": key_info(rec)})
+
+    async def set_blocked(req: Request, blocked: bool):
+        require_master(gw, req)
+        d = await _body(req, gw)
+        rec = await lookup(d.get("key"))
+        rec = await gw.store.update_key(rec.id, {"blocked": blocked})
+        gw.keys.put(rec)
+        return json_response({"key": rec.id, "blocked": rec.blocked})
+
+    async def block(req: Request):
+        return await set_blocked(req, True)
+
+    async def unblock(req: Request):
+        return await set_blocked(req, False)
+
+    async def delete(req: Request):
+        require_master(gw, req)
+        d = await _body(req, gw)
+        refs = d.get("keys") or ([d["key"]] if d.get("key") else [])
+        if not isinstance(refs, list) or not refs:
+            raise HTTPError(400, "Name the keys to delete: {\"keys\": [...]}.", param="keys")
+        done = []
+        for ref in refs:
+            rec = await lookup(ref)
+            rec = await revoke_key(gw.store, rec.id)
+            gw.keys.put(rec)
+            done.append(rec.id)
+        return json_response({"deleted_keys": done})
+
+    async def list_keys(req: Request):
+        require_master(gw, req)
+        user = req.query.get("user_id")
+        keys = await gw.store.list_keys(user)
+        return json_response({"keys": [k.id for k in keys], "data": [key_info(k) for k in keys],
+                              "total_count": len(keys)})
+
+    app.route("/key/generate", "POST", generate)
+    app.route("/key/update", "POST", update)
+    app.route("/key/delete", "POST", delete)
+    app.route("/key/block", "POST", block)
+    app.route("/key/unblock", "POST", unblock)
+    app.route("/key/list", "GET", list_keys)

@@ -1,0 +1,50 @@
+"""The OpenAI surface: chat, completions, embeddings, models."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cborg.asgi import App, HTTPError, Request, json_response
+
+from ..auth import bearer_token
+from ..pipeline import allowed
+
+if TYPE_CHECKING:
+    from ..app import Gateway
+
+
+def model_object(gw: "Gateway", name: str) -> dict:
+    r = gw.catalog.routes[name]
+    return {"id": name, "object": "model", "created": gw.started_at, "owned_by": r.provider_name}
+
+
+def register(app: App, gw: "Gateway") -> None:
+    pipeline = gw.pipeline
+
+    async def chat(req: Request):
+        return await pipeline.handle(req, "chat")
+
+    async def completions(req: Request):
+        return await pipeline.handle(req, "completions")
+
+    async def embeddings(req: Request):
+        return await pipeline.handle(req, "embeddings")
+
+    async def list_models(req: Request):
+        key = await gw.keys.verify(bearer_token(req.headers))
+        data = [model_object(gw, n) for n, r in gw.catalog.routes.items() if allowed(key, r)]
+        return json_response({"object": "list", "data": data})
+
+    async def get_model(req: Request):
+        key = await gw.keys.verify(bearer_token(req.headers))
+        name = req.path.split("/models/", 1)[1]
+        route = gw.catalog.resolve(name)
+        if route is None or not allowed(key, route):
+            raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models this "
+                                 "key can use.", code="model_not_found", param="model")
+        return json_response(model_object(gw, route.name))
+
+    app.route("/chat/completions", "POST", chat)
+    app.route("/completions", "POST", completions)
+    app.route("/embeddings", "POST", embeddings)
+    app.route("/models", "GET", list_models)
+    app.route("/models/*", "GET", get_model)

@@ -1,0 +1,91 @@
+"""App factory: wires settings, catalog, store, key cache, limiter, upstream pool and routes."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from cborg.asgi import App, HTTPError
+
+from .auth import KeyCache
+from .catalog import Catalog, Route, load_catalog
+from .config import Settings
+from .limits import NullLimiter
+from .pipeline import Pipeline
+from .providers import make_endpoint
+from .providers.base import Endpoint
+from .store import open_store
+from .upstream import UpstreamPool
+
+log = logging.getLogger("cborg.gateway")
+
+_NO_RETRY = (b"x-should-retry", b"false")
+
+
+def _noop() -> None:
+    return None
+
+
+class Gateway:
+    """Everything a request handler needs, built once per process."""
+
+    def __init__(self, settings: Settings, catalog: Catalog | None = None):
+        self.settings = settings
+        self.catalog = catalog or load_catalog(settings.config_path)
+        self.started_at = int(time.time())
+        self.store = open_store(settings.database_url)
+        self.keys = KeyCache(self.store, settings.key_refresh_s)
+        self.pool = UpstreamPool()
+        self.limiter = NullLimiter()
+        self.pipeline = Pipeline(self)
+        self.endpoints: dict[str, Endpoint] = {
+            name: make_endpoint(name, conf, env=settings.env) for name, conf in self.catalog.providers.items()}
+        self.model_endpoints: dict[str, Endpoint] = {
+            m.name: make_endpoint(m.provider, self.catalog.providers[m.provider], m, env=settings.env)
+            for m in self.catalog.models.values() if m.base_url}
+
+    async def start(self) -> None:
+        await self.store.init()
+        await self.keys.start()
+
+    async def stop(self) -> None:
+        await self.keys.stop()
+        await self.pool.close()
+        await self.store.close()
+
+    # -- where a route goes --------------------------------------------------------------
+    def endpoint_for(self, route: Route) -> tuple[Endpoint, Callable[[], None]]:
+        """The endpoint to call for a route, and a callback to run when the call is over."""
+        ep = self.model_endpoints.get(route.model.name)
+        if ep is None:
+            if route.provider.local:
+                raise HTTPError(503, f"No inference node serves '{route.name}' right now.",
+                                code="model_not_served", type="service_unavailable", headers=[_NO_RETRY])
+            ep = self.endpoints[route.provider_name]
+        if ep.missing:
+            raise HTTPError(503, f"The model '{route.name}' is not available: {ep.missing}.",
+                            code="provider_not_configured", type="service_unavailable", headers=[_NO_RETRY])
+        return ep, _noop
+
+    def resolve_dynamic(self, name: str) -> Route | None:
+        """Names the catalog does not list but something else knows (none yet)."""
+        return None
+
+    async def finish_call(self, call) -> None:
+        """Accounting and release of limits at the end of every inference call."""
+        if call.admission is not None:
+            await call.admission.finish(call)
+
+
+def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
+    from .api import admin, health, info, openai
+
+    settings = settings or Settings.from_env()
+    gw = Gateway(settings, catalog)
+    app = App(on_startup=gw.start, on_shutdown=gw.stop)
+    app.state = gw  # type: ignore[attr-defined]
+    openai.register(app, gw)
+    info.register(app, gw)
+    admin.register(app, gw)
+    health.register(app, gw)
+    return app

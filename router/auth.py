@@ -1,0 +1,138 @@
+"""API keys: generation, hashing, and verification from an in-memory cache.
+
+No request reads the database for a key the gateway already knows: every key is loaded at
+start-up, and a poller fetches rows changed since its last look every `refresh_s` seconds, so a
+revocation on any replica (or by `cborg keys revoke`) takes effect everywhere within that time.
+Unknown keys cost one database read, then sit in a short negative cache so that a client
+hammering with a bad key cannot hammer the database.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+import time
+
+from cborg.asgi import HTTPError
+
+from .store.base import KeyRecord, Store
+
+log = logging.getLogger("cborg.auth")
+
+KEY_PREFIX = "sk-"
+
+
+def generate_key() -> str:
+    """sk- followed by 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_hint(key: str) -> str:
+    return f"{key[:3]}...{key[-4:]}"
+
+
+def new_key_id() -> str:
+    return "key-" + secrets.token_hex(6)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdwy]|mo)?\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400, "y": 365 * 86400}
+
+
+def parse_duration(text: str | int | float | None) -> float | None:
+    """"365d", "12h", "30m", "1y", "1mo" or seconds -> seconds; None, "", "never" -> None."""
+    if text is None or text == "" or text == "never":
+        return None
+    if isinstance(text, (int, float)):
+        return float(text)
+    m = _DURATION.match(str(text).lower())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30d, 12h, 1y)")
+    return float(m.group(1)) * _UNIT_S[m.group(2) or "s"]
+
+
+def bearer_token(headers: dict[bytes, bytes]) -> str | None:
+    """The key from `Authorization: Bearer`, or `x-api-key` / `api-key` (Anthropic and Azure SDKs)."""
+    v = headers.get(b"authorization")
+    if v is not None:
+        if v[:7].lower() == b"bearer ":
+            return v[7:].strip().decode("latin-1")
+        return v.strip().decode("latin-1") or None
+    v = headers.get(b"x-api-key") or headers.get(b"api-key")
+    return v.strip().decode("latin-1") if v else None
+
+
+class KeyCache:
+    def __init__(self, store: Store, refresh_s: float = 2.0, negative_ttl_s: float = 2.0):
+        self.store = store
+        self.refresh_s = refresh_s
+        self.negative_ttl_s = negative_ttl_s
+        self.by_hash: dict[str, KeyRecord] = {}
+        self._negative: dict[str, float] = {}
+        self._since = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._since = time.time()
+        for k in await self.store.list_keys():
+            self.by_hash[k.key_hash] = k
+        self._task = asyncio.create_task(self._poll(), name="key-cache-refresh")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def refresh(self) -> None:
+        # Overlap the window by a few seconds: replicas' clocks and commit order differ a little.
+        start = time.time()
+        for k in await self.store.keys_changed_since(self._since - 5.0):
+            self.put(k)
+        self._since = start
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - keep serving from the cache
+                log.warning("key cache refresh failed: %s", e)
+
+    def put(self, k: KeyRecord) -> None:
+        self.by_hash[k.key_hash] = k
+        self._negative.pop(k.key_hash, None)
+
+    async def verify(self, raw: str | None) -> KeyRecord:
+        if not raw:
+            raise HTTPError(401, "Missing API key. Pass it as 'Authorization: Bearer sk-...'.",
+                            code="missing_api_key")
+        h = hashlib.sha256(raw.encode()).hexdigest()
+        rec = self.by_hash.get(h)
+        if rec is None:
+            now = time.monotonic()
+            until = self._negative.get(h)
+            if until is None or until < now:
+                rec = await self.store.key_by_hash(h)
+                if rec is not None:
+                    self.put(rec)
+                else:
+                    if len(self._negative) > 100_000:
+                        self._negative.clear()
+                    self._negative[h] = now + self.negative_ttl_s
+            if rec is None:
+                raise HTTPError(401, "Invalid API key. Check the key, or ask for a new one.",
+                                code="invalid_api_key")
+        if rec.revoked_at is not None or rec.blocked or rec.expires_at is not None:
+            problem = rec.problem(time.time())
+            if problem:
+                raise HTTPError(401, problem, code="invalid_api_key")
+        return rec

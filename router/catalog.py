@@ -1,0 +1,262 @@
+"""The catalog: models.yaml validated at start-up and compiled into a name -> Route table.
+
+Every accepted spelling of a name (bare `cborg-chat`, without `:latest`, the public name) is
+precomputed, so resolving a request's model is one dict lookup on the hot path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Protocol = Literal["openai", "anthropic", "gemini", "bedrock"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TimeoutsConf(_Strict):
+    connect: float = 10.0
+    first_byte: float = 600.0
+    read: float = 300.0
+    total: float = 1800.0
+
+
+class RetryConf(_Strict):
+    attempts: int = Field(2, ge=0, le=10, description="retries after the first try")
+    backoff: float = Field(0.25, ge=0, description="base of the jittered exponential backoff, s")
+    max_backoff: float = Field(8.0, ge=0)
+
+
+class ProviderConf(_Strict):
+    protocol: Protocol
+    base_url: str | None = None
+    base_url_env: str | None = None
+    api_key_env: str | None = None
+    commercial: bool = True
+    local: bool = False            # served by CBorg inference nodes (lbl/*)
+    region: str | None = None      # bedrock
+    region_env: str | None = None
+    api_version: str | None = None  # anthropic-version
+    headers: dict[str, str] = {}
+    timeouts: TimeoutsConf = TimeoutsConf()
+    retry: RetryConf = RetryConf()
+
+
+class Price(_Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(0.0, ge=0)
+    cached_input: float | None = Field(None, ge=0)
+    cache_write: float | None = Field(None, ge=0)
+    output: float = Field(0.0, ge=0)
+
+
+class ModelConf(_Strict):
+    name: str
+    provider: str
+    model: str
+    mode: Literal["chat", "embedding"] = "chat"
+    description: str = ""
+    max_input_tokens: int = Field(8192, gt=0)
+    max_output_tokens: int = Field(4096, gt=0)
+    supports_vision: bool = False
+    supports_function_calling: bool = False
+    supports_prompt_caching: bool = False
+    supports_system_messages: bool = True
+    supports_reasoning: bool = False
+    price: Price = Price()
+    aliases: list[str] = []
+    params: dict[str, Any] = {}          # defaults applied when the caller leaves them out
+    base_url: str | None = None          # an OpenAI-compatible server for this model alone
+    api_key_env: str | None = None
+    fallbacks: list[str] = []
+    system_prompt: str | None = None
+
+
+class AliasConf(_Strict):
+    name: str
+    target: str
+    system_prompt: str | None = None     # a file under the config's directory, e.g. prompts/x.md
+    params: dict[str, Any] = {}
+    description: str = ""
+
+
+class CatalogConf(BaseModel):
+    """The whole file. Sections other than these belong to other parts (the inference node)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    providers: dict[str, ProviderConf]
+    models: list[ModelConf]
+    aliases: list[AliasConf] = []
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> "CatalogConf":
+        names: set[str] = set()
+        for i, m in enumerate(self.models):
+            if m.provider not in self.providers:
+                raise ValueError(f"models[{i}] ({m.name}): provider {m.provider!r} is not under providers: "
+                                 f"{sorted(self.providers)}")
+            if m.name in names:
+                raise ValueError(f"models[{i}]: duplicate name {m.name!r}")
+            names.add(m.name)
+        for i, a in enumerate(self.aliases):
+            if a.target not in names:
+                raise ValueError(f"aliases[{i}] ({a.name}): target {a.target!r} is not a model name")
+            if a.name in names:
+                raise ValueError(f"aliases[{i}]: name {a.name!r} is already used")
+            names.add(a.name)
+        for i, m in enumerate(self.models):
+            for f in m.fallbacks:
+                if f not in names:
+                    raise ValueError(f"models[{i}] ({m.name}): fallback {f!r} is not a model name")
+        return self
+
+
+class ConfigError(Exception):
+    """models.yaml is invalid; the message names the file and the bad field."""
+
+
+@dataclass(slots=True)
+class Route:
+    """What a requested name resolves to."""
+
+    name: str                      # the canonical public name (alias or model)
+    model: ModelConf               # the model that serves it
+    provider: ProviderConf
+    provider_name: str
+    system_prompt: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    is_alias: bool = False
+
+    @property
+    def commercial(self) -> bool:
+        return self.provider.commercial
+
+
+def _variants(name: str) -> list[str]:
+    """Spellings accepted for a public name, most specific first."""
+    out = [name]
+    base = name[: -len(":latest")] if name.endswith(":latest") else name
+    out.append(base)
+    out.append(base + ":latest")
+    if "/" in base:
+        bare = base.split("/", 1)[1]
+        out += [bare, bare + ":latest"]
+    return out
+
+
+class Catalog:
+    def __init__(self, conf: CatalogConf, root: Path):
+        self.conf = conf
+        self.root = root
+        self.providers = conf.providers
+        self.models = {m.name: m for m in conf.models}
+        self.routes: dict[str, Route] = {}      # canonical public name -> Route
+        self._names: dict[str, Route] = {}      # every accepted spelling -> Route
+        for m in conf.models:
+            prompt = self._prompt(m.system_prompt, f"models ({m.name}).system_prompt")
+            self.routes[m.name] = Route(m.name, m, self.providers[m.provider], m.provider,
+                                        prompt, dict(m.params))
+        for a in conf.aliases:
+            target = self.models[a.target]
+            prompt = self._prompt(a.system_prompt, f"aliases ({a.name}).system_prompt")
+            self.routes[a.name] = Route(a.name, target, self.providers[target.provider], target.provider,
+                                        prompt, {**target.params, **a.params}, is_alias=True)
+        for m in conf.models:
+            for extra in m.aliases:
+                self.routes.setdefault(extra, self.routes[m.name])
+        # Exact public names win; then the shorter spellings, first come first served.
+        for pub, r in self.routes.items():
+            self._names[pub] = r
+        ambiguous: set[str] = set()
+        for pub, r in self.routes.items():
+            for v in _variants(pub)[1:]:
+                if v in self.routes:
+                    continue
+                have = self._names.get(v)
+                if have is not None and have.name != r.name:
+                    ambiguous.add(v)
+                self._names.setdefault(v, r)
+        for v in ambiguous:
+            self._names.pop(v, None)
+        self._lower = {k.lower(): r for k, r in self._names.items()}
+
+    def _prompt(self, ref: str | None, where: str) -> str | None:
+        if not ref:
+            return None
+        p = (self.root / ref) if not os.path.isabs(ref) else Path(ref)
+        try:
+            return p.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"{where}: cannot read prompt file {p}: {e.strerror}") from None
+
+    def resolve(self, name: str) -> Route | None:
+        r = self._names.get(name)
+        if r is None and isinstance(name, str):
+            r = self._lower.get(name.lower())
+        return r
+
+    def public_names(self) -> list[str]:
+        return list(self.routes)
+
+
+def _format_validation(e: ValidationError, raw: dict) -> str:
+    lines = []
+    for err in e.errors():
+        loc = err.get("loc", ())
+        parts = []
+        for i, p in enumerate(loc):
+            if isinstance(p, int):
+                parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+                # name the entry as well when it has one
+                seq = raw
+                for q in loc[: i + 1]:
+                    try:
+                        seq = seq[q]
+                    except Exception:  # noqa: BLE001
+                        seq = None
+                        break
+                if isinstance(seq, dict) and "name" in seq:
+                    parts[-1] += f" ({seq['name']})"
+            else:
+                parts.append(str(p))
+        lines.append(f"{'.'.join(parts) or '(top level)'}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_catalog(path: str | os.PathLike) -> Catalog:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        conf = CatalogConf.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_validation(e, raw)}") from None
+    try:
+        return Catalog(conf, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def default_config_path() -> Path:
+    """CBORG_CONFIG, else ./models.yaml, else the models.yaml of this checkout."""
+    env = os.environ.get("CBORG_CONFIG")
+    if env:
+        return Path(env)
+    here = Path("models.yaml")
+    if here.exists():
+        return here
+    return Path(__file__).resolve().parent.parent / "models.yaml"

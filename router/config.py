@@ -1,0 +1,40 @@
+"""Gateway settings, from the environment (the names DESIGN.md lists)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .catalog import default_config_path
+
+
+def cborg_home() -> Path:
+    """Where the embedded database and logs live: CBORG_HOME, default ~/.cborg."""
+    return Path(os.environ.get("CBORG_HOME") or Path.home() / ".cborg")
+
+
+@dataclass
+class Settings:
+    config_path: Path
+    database_url: str
+    redis_url: str | None = None
+    master_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    key_refresh_s: float = 2.0
+    env: dict[str, str] | None = None   # where provider credentials and base URLs are read; None: os.environ
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        s = cls(
+            config_path=Path(env["CBORG_CONFIG"]) if env.get("CBORG_CONFIG") else default_config_path(),
+            database_url=env.get("CBORG_DATABASE_URL") or f"sqlite:///{cborg_home() / 'cborg.db'}",
+            redis_url=env.get("CBORG_REDIS_URL") or None,
+            master_key=env.get("CBORG_MASTER_KEY") or None,
+            max_body_bytes=int(env.get("CBORG_MAX_BODY_BYTES") or 32 * 1024 * 1024),
+            key_refresh_s=float(env.get("CBORG_KEY_REFRESH_S") or 2.0),
+            env=None if env is os.environ else dict(env),
+        )
+        for k, v in overrides.items():
+            setattr(s, k, v)
+        return s

@@ -1,0 +1,350 @@
+"""The path of an inference request: authenticate, resolve, admit, call upstream, translate, account.
+
+One `Call` object carries a request's facts from start to end, so that whatever way it ends
+(response, error, stream end, client gone) it is accounted exactly once (`Call.finish`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import orjson
+
+from cborg.asgi import HTTPError, Request, Response, StreamResponse
+
+from .accounting import cost_of, format_cost
+from .auth import bearer_token
+from .catalog import Route
+from .providers import adapter
+from .providers.base import Endpoint, StreamError, normalize_usage, scrub
+from .sse import DONE, data_event
+from .upstream import Timeouts, UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .store.base import KeyRecord
+
+log = logging.getLogger("cborg.pipeline")
+
+_REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+_MODE = {"chat": "chat", "completions": "chat", "embeddings": "embedding"}
+_RETRY_STATUS = frozenset((408, 409, 425, 429, 500, 502, 503, 504, 529))
+_NO_RETRY = (b"x-should-retry", b"false")
+
+
+def _request_id() -> str:
+    return "req-" + os.urandom(8).hex()
+
+
+def allowed(key: "KeyRecord", route: Route) -> bool:
+    """A key limited to a model list may use those names, aliases of them, and `prefix/*`."""
+    models = key.models
+    if not models:
+        return True
+    for n in (route.name, route.model.name):
+        if n in models:
+            return True
+        slash = n.find("/")
+        if slash > 0 and n[: slash + 1] + "*" in models:
+            return True
+    return "*" in models or "all-proxy-models" in models
+
+
+def apply_alias(route: Route, op: str, body: dict) -> None:
+    """The alias's system prompt goes first; the caller's own system message, if any, follows."""
+    for k, v in route.params.items():
+        if k not in body:
+            body[k] = v
+    if route.system_prompt and op == "chat":
+        body["messages"] = [{"role": "system", "content": route.system_prompt}, *body["messages"]]
+
+
+def _retry_after(resp_headers: UpstreamResponse | None) -> float | None:
+    if resp_headers is None:
+        return None
+    v = resp_headers.header("retry-after-ms")
+    if v:
+        try:
+            return float(v) / 1000
+        except ValueError:
+            pass
+    v = resp_headers.header("retry-after")
+    if v:
+        try:
+            return float(v)
+        except ValueError:
+            return None
+    return None
+
+
+class Call:
+    """One inference request's state, from admission to accounting."""
+
+    __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
+                 "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks")
+
+    def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool):
+        self.gw = gw
+        self.id = _request_id()
+        self.key = key
+        self.route = route
+        self.served: Route = route
+        self.op = op
+        self.t0 = time.perf_counter()
+        self.ttft: float | None = None
+        self.status = 200
+        self.usage: dict | None = None
+        self.cost = 0.0
+        self.stream = stream
+        self.include_usage = False
+        self.admission: Any = None
+        self.done = False
+        self.error: str | None = None
+        self.prompt_estimate = 0
+        self.chunks = 0
+
+    def account(self, usage: dict | None) -> float:
+        if usage is not None:
+            self.usage = usage
+            self.cost = cost_of(self.served.model.price, usage) if self.served.commercial else 0.0
+        return self.cost
+
+    async def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.usage is None and self.stream and self.chunks:
+            # Stream cut before the upstream's usage arrived: count what was delivered.
+            self.account({"prompt_tokens": self.prompt_estimate, "completion_tokens": self.chunks,
+                          "total_tokens": self.prompt_estimate + self.chunks,
+                          "prompt_tokens_details": {"cached_tokens": 0}, "estimated": True})
+        try:
+            await self.gw.finish_call(self)
+        except Exception:  # noqa: BLE001 - accounting must never break a response
+            log.exception("accounting failed for %s", self.id)
+
+
+class Pipeline:
+    def __init__(self, gw: "Gateway"):
+        self.gw = gw
+
+    # -- entry point -------------------------------------------------------------------
+    async def handle(self, req: Request, op: str) -> Response | StreamResponse:
+        gw = self.gw
+        key = await gw.keys.verify(bearer_token(req.headers))
+        raw = await req.body(gw.settings.max_body_bytes)
+        body = self._parse(raw, op)
+        name = body["model"]
+        route = gw.catalog.resolve(name)
+        if route is None:
+            route = gw.resolve_dynamic(name)
+            if route is None:
+                raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models "
+                                     "this key can use.", code="model_not_found", param="model")
+        if route.model.mode != _MODE[op]:
+            raise HTTPError(400, f"The model '{route.name}' is a {route.model.mode} model and cannot serve "
+                                 f"/{'chat/completions' if op == 'chat' else op}.", param="model",
+                            code="wrong_model_type")
+        if not allowed(key, route):
+            raise HTTPError(403, f"This API key may not use the model '{route.name}'. It may use: "
+                                 f"{', '.join(key.models)}.", code="model_not_allowed", param="model")
+        stream = op != "embeddings" and body.get("stream") is True
+        call = Call(gw, key, route, op, stream)
+        if stream:
+            so = body.get("stream_options")
+            call.include_usage = type(so) is dict and so.get("include_usage") is True
+        apply_alias(route, op, body)
+        call.prompt_estimate = len(raw) // 4
+        call.admission = await gw.limiter.admit(call)
+        try:
+            return await self._call_upstream(call, body, raw)
+        except BaseException as e:
+            if isinstance(e, HTTPError):
+                call.status = e.status
+                call.error = e.message
+            else:
+                call.status = 500
+            if not call.done:
+                await call.finish()
+            raise
+
+    @staticmethod
+    def _parse(raw: bytes, op: str) -> dict:
+        if not raw:
+            raise HTTPError(400, "Request body is empty; expected a JSON object.")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise HTTPError(400, f"Request body is not valid JSON: {e}") from None
+        if type(body) is not dict:
+            raise HTTPError(400, "Request body must be a JSON object.")
+        model = body.get("model")
+        if not model or type(model) is not str:
+            raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        field = _REQUIRED[op]
+        val = body.get(field)
+        if val is None or (op == "chat" and (type(val) is not list or not val)):
+            what = "a non-empty list" if op == "chat" else "required"
+            raise HTTPError(400, f"Missing required parameter: '{field}' ({what}).", param=field,
+                            code="missing_required_parameter")
+        if op == "chat":
+            for i, m in enumerate(val):
+                if type(m) is not dict or "role" not in m:
+                    raise HTTPError(400, f"messages[{i}] must be an object with a 'role'.",
+                                    param=f"messages[{i}]")
+        return body
+
+    # -- upstream ----------------------------------------------------------------------
+    def _candidates(self, route: Route) -> list[Route]:
+        out = [route]
+        for name in route.model.fallbacks:
+            r = self.gw.catalog.resolve(name)
+            if r is not None and r not in out:
+                out.append(r)
+        return out
+
+    async def _call_upstream(self, call: Call, body: dict, raw: bytes) -> Response | StreamResponse:
+        gw = self.gw
+        candidates = self._candidates(call.route)
+        last_err: HTTPError | None = None
+        for n, route in enumerate(candidates):
+            if n:
+                body = orjson.loads(raw)
+                apply_alias(call.route, call.op, body)
+            try:
+                ep, release = gw.endpoint_for(route)
+            except HTTPError as e:
+                last_err = e
+                continue
+            try:
+                ad = adapter(route.provider.protocol)
+                ureq = ad.build(ep, route, call.op, body, call.stream)
+                resp = await self._send(ep, route, ureq)
+            except HTTPError as e:
+                release()
+                last_err = e
+                if route is not candidates[-1] and (e.status in _RETRY_STATUS or e.status in (401, 403)):
+                    continue
+                raise
+            except BaseException:
+                release()
+                raise
+            call.served = route
+            if call.stream:
+                return self._stream_response(call, resp, ad, route, ep, release)
+            try:
+                data = await resp.read()
+                try:
+                    obj = ad.parse(route, call.op, data)
+                except Exception as e:  # noqa: BLE001
+                    raise HTTPError(502, f"The upstream for '{route.name}' sent a response that could not be "
+                                         f"read: {scrub(str(e), ep.api_key)}", code="bad_upstream_response")
+            except UpstreamError as e:
+                raise self._upstream_http_error(e, route) from None
+            finally:
+                release()
+            cost = call.account(obj.get("usage"))
+            headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode()),
+                       (b"x-cborg-served-by", route.name.encode())]
+            if call.admission is not None:
+                headers += call.admission.headers
+            await call.finish()
+            return Response(orjson.dumps(obj), 200, headers)
+        assert last_err is not None
+        raise last_err
+
+    async def _send(self, ep: Endpoint, route: Route, ureq) -> UpstreamResponse:
+        """One upstream exchange up to the response headers, with retries while nothing was sent."""
+        conf = route.provider
+        t = conf.timeouts
+        timeouts = Timeouts(t.connect, t.first_byte, t.read, t.total)
+        attempts = conf.retry.attempts + 1
+        for attempt in range(attempts):
+            resp = None
+            try:
+                resp = await self.gw.pool.request(ep.target, b"POST", ureq.path, ureq.headers, ureq.body, timeouts)
+            except UpstreamError as e:
+                retryable = e.kind in ("connect", "closed") or (e.kind == "timeout" and "connect" in str(e))
+                if not retryable or attempt + 1 >= attempts:
+                    raise self._upstream_http_error(e, route) from None
+            else:
+                if resp.status < 400:
+                    return resp
+                try:
+                    data = await resp.read()
+                except UpstreamError:
+                    data = b""
+                if resp.status not in _RETRY_STATUS or attempt + 1 >= attempts \
+                        or resp.header("x-should-retry") == "false":
+                    msg = scrub(adapter(route.provider.protocol).error_message(resp.status, data), ep.api_key)
+                    raise HTTPError(resp.status, f"{route.provider_name} returned HTTP {resp.status} for "
+                                                 f"'{route.name}': {msg}", code="upstream_error",
+                                    type="upstream_error" if resp.status >= 500 else None,
+                                    headers=[_NO_RETRY] if resp.status >= 500 else None)
+            r = conf.retry
+            delay = min(r.max_backoff, r.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
+            ra = _retry_after(resp)
+            if ra is not None:
+                delay = min(max(delay, ra), r.max_backoff * 4)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _upstream_http_error(e: UpstreamError, route: Route) -> HTTPError:
+        if e.kind == "timeout":
+            return HTTPError(504, f"The upstream for '{route.name}' timed out: {e}", code="upstream_timeout",
+                             type="timeout_error", headers=[_NO_RETRY])
+        return HTTPError(502, f"The upstream for '{route.name}' is unreachable: {e}", code="upstream_unreachable",
+                         type="upstream_error", headers=[_NO_RETRY])
+
+    # -- streams -----------------------------------------------------------------------
+    def _stream_response(self, call: Call, resp: UpstreamResponse, ad, route: Route, ep: Endpoint,
+                         release) -> StreamResponse:
+        headers = [(b"x-request-id", call.id.encode()), (b"x-cborg-served-by", route.name.encode())]
+        if call.admission is not None:
+            headers += call.admission.headers
+
+        async def finalize() -> None:
+            release()
+            resp.release()
+            await call.finish()
+
+        return StreamResponse(self._relay(call, resp, ad, route, ep), 200, headers, on_close=finalize)
+
+    async def _relay(self, call: Call, resp: UpstreamResponse, ad, route: Route,
+                     ep: Endpoint) -> AsyncIterator[bytes]:
+        tr = ad.stream(route, call.op)
+        try:
+            async for data in resp.chunks():
+                out = tr.feed(data)
+                if out:
+                    if call.ttft is None:
+                        call.ttft = time.perf_counter()
+                    call.chunks += len(out)
+                    yield b"".join(out) if len(out) > 1 else out[0]
+            out = tr.close()
+            if out:
+                yield b"".join(out)
+            if tr.error:
+                call.status = 502
+                call.error = tr.error
+            usage = normalize_usage(tr.usage) if tr.usage is not None else None
+            call.account(usage)
+            if usage is not None and call.include_usage:
+                chunk = dict(tr.template) if tr.template else {
+                    "id": call.id, "object": "chat.completion.chunk" if call.op == "chat" else "text_completion",
+                    "created": int(time.time()), "model": route.model.model, "choices": []}
+                usage["cost"] = call.cost
+                chunk["usage"] = usage
+                yield data_event(orjson.dumps(chunk))
+            yield DONE
+        except (UpstreamError, StreamError) as e:
+            call.status = 502 if not isinstance(e, StreamError) else e.status
+            call.error = scrub(str(e), ep.api_key)
+            yield data_event(orjson.dumps({"error": {
+                "message": f"The upstream stream for '{route.name}' failed: {call.error}",
+                "type": "upstream_error", "param": None, "code": "upstream_stream_error"}}))

@@ -1,0 +1,114 @@
+"""What every provider adapter offers, and the pieces they share.
+
+An adapter is a set of pure translations (dict in, dict out; bytes in, bytes out) between the
+OpenAI schema the clients speak and one upstream protocol. No network inside: the pipeline
+(router/pipeline.py) does the I/O, so adapters are tested with recorded shapes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from ..catalog import ProviderConf, Route
+from ..upstream import Target
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """Where and how to reach one upstream, resolved once from models.yaml and the environment."""
+
+    provider: str
+    conf: ProviderConf
+    target: Target | None
+    api_key: str | None = None
+    region: str | None = None
+    missing: str | None = None          # why this endpoint cannot be used (no credentials, no URL)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class UpstreamRequest:
+    path: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+class StreamTranslator(Protocol):
+    """Turns upstream stream bytes into OpenAI SSE events (bytes, framed)."""
+
+    usage: dict | None            # OpenAI usage, once the upstream reported it
+    template: dict | None         # id/created/model of the stream, for the final usage chunk
+
+    def feed(self, data: bytes) -> list[bytes]: ...
+    def close(self) -> list[bytes]: ...
+
+
+class Adapter(Protocol):
+    def build(self, ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest: ...
+    def parse(self, route: Route, op: str, data: bytes) -> dict: ...
+    def stream(self, route: Route, op: str) -> StreamTranslator: ...
+    def error_message(self, status: int, data: bytes) -> str: ...
+
+
+class StreamError(Exception):
+    """The upstream reported an error inside a stream that had already begun."""
+
+    def __init__(self, message: str, status: int = 502, type: str = "api_error"):
+        super().__init__(message)
+        self.status = status
+        self.type = type
+
+
+def normalize_usage(usage: dict | None) -> dict:
+    """OpenAI usage with the fields clients index without checking always present.
+
+    `prompt_tokens_details.cached_tokens` is 0 when nothing was cached: the CBorg prompt-caching
+    example reads it unconditionally.
+    """
+    u = dict(usage) if usage else {}
+    p = int(u.get("prompt_tokens") or 0)
+    c = int(u.get("completion_tokens") or 0)
+    u["prompt_tokens"] = p
+    u["completion_tokens"] = c
+    u["total_tokens"] = int(u.get("total_tokens") or (p + c))
+    ptd = u.get("prompt_tokens_details")
+    ptd = dict(ptd) if isinstance(ptd, dict) else {}
+    ptd["cached_tokens"] = int(ptd.get("cached_tokens") or 0)
+    u["prompt_tokens_details"] = ptd
+    return u
+
+
+_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}|xai-[A-Za-z0-9]{8,})")
+
+
+def scrub(text: str, *secrets: str | None) -> str:
+    """Remove credentials from a message meant for a client or a log."""
+    for s in secrets:
+        if s and len(s) >= 6:
+            text = text.replace(s, "***")
+    return _SECRETISH.sub("***", text)
+
+
+def error_text(data: bytes, limit: int = 500) -> str:
+    """The message of an upstream error body in any of the usual shapes, else its text."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data[:limit].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(obj, list) and obj:
+        obj = obj[0]
+    if isinstance(obj, dict):
+        err = obj.get("error", obj)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("Message") or err.get("detail")
+            if msg:
+                return str(msg)[:limit]
+        elif isinstance(err, str):
+            return err[:limit]
+        for k in ("message", "Message", "detail"):
+            if obj.get(k):
+                return str(obj[k])[:limit]
+    return data[:limit].decode("utf-8", "replace")

@@ -1,0 +1,138 @@
+"""OpenAI-compatible upstreams: OpenAI, xAI, vLLM and CBorg's own engines.
+
+The request passes through untouched but for the model name, the alias defaults, the usage
+request on streams, and what OpenAI's own models require (reasoning models take
+`max_completion_tokens` and no sampling parameters; `cache_control` is an Anthropic field that
+OpenAI rejects). Stream events are forwarded byte for byte; only the usage chunk is held back,
+so the pipeline can add the cost to it or drop it when the client did not ask for usage.
+"""
+from __future__ import annotations
+
+import orjson
+
+from ..catalog import Route
+from ..sse import SSESplitter, parse_event
+from .base import Endpoint, UpstreamRequest, error_text, normalize_usage
+
+PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
+
+# Sampling parameters OpenAI's reasoning models (o1, o1-mini, o3-mini) reject.
+_REASONING_DROP = ("temperature", "top_p", "presence_penalty", "frequency_penalty", "logprobs",
+                   "top_logprobs", "logit_bias")
+
+
+def _strip_cache_control(messages: list) -> None:
+    for m in messages:
+        if type(m) is dict:
+            m.pop("cache_control", None)
+            content = m.get("content")
+            if type(content) is list:
+                for part in content:
+                    if type(part) is dict:
+                        part.pop("cache_control", None)
+
+
+def _for_openai_model(route: Route, body: dict) -> None:
+    """What OpenAI's API requires of particular models."""
+    m = route.model
+    if m.supports_reasoning and route.provider_name == "openai":
+        if "max_tokens" in body:
+            mt = body.pop("max_tokens")
+            body.setdefault("max_completion_tokens", mt)
+        for k in _REASONING_DROP:
+            body.pop(k, None)
+    if not m.supports_system_messages:
+        msgs = body.get("messages")
+        if type(msgs) is list:
+            body["messages"] = [({**x, "role": "user"} if type(x) is dict and x.get("role") in ("system", "developer")
+                                 else x) for x in msgs]
+
+
+def build_body(route: Route, op: str, body: dict, stream: bool) -> dict:
+    """The upstream body (mutates and returns `body`, which the pipeline owns)."""
+    body["model"] = route.model.model
+    if op == "chat":
+        msgs = body.get("messages")
+        if type(msgs) is list:
+            _strip_cache_control(msgs)
+        _for_openai_model(route, body)
+    if stream:
+        so = body.get("stream_options")
+        body["stream_options"] = {**so, "include_usage": True} if type(so) is dict else {"include_usage": True}
+    return body
+
+
+def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
+    headers = ep.extra.get("headers")
+    if headers is None:
+        headers = [(b"content-type", b"application/json")]
+        if ep.api_key:
+            headers.append((b"authorization", b"Bearer " + ep.api_key.encode()))
+        for k, v in ep.conf.headers.items():
+            headers.append((k.lower().encode(), v.encode()))
+        ep.extra["headers"] = headers
+    return UpstreamRequest(PATHS[op], headers, orjson.dumps(build_body(route, op, body, stream)))
+
+
+def parse(route: Route, op: str, data: bytes) -> dict:
+    obj = orjson.loads(data)
+    if type(obj) is not dict:
+        raise ValueError("upstream response is not a JSON object")
+    obj["usage"] = normalize_usage(obj.get("usage"))
+    return obj
+
+
+class PassthroughStream:
+    """Forwards events as they are; keeps the usage chunk for the pipeline; drops [DONE]."""
+
+    __slots__ = ("_sse", "usage", "template", "error")
+
+    def __init__(self) -> None:
+        self._sse = SSESplitter()
+        self.usage: dict | None = None
+        self.template: dict | None = None
+        self.error: str | None = None
+
+    def _event(self, raw: bytes, out: list[bytes]) -> None:
+        if raw[:6] == b"data: " and b"\n" not in raw:
+            payload = raw[6:]
+        else:
+            _, payload = parse_event(raw)
+            if not payload:
+                return  # comment or keep-alive
+            raw = b"data: " + payload
+        if payload == b"[DONE]":
+            return
+        if b'"usage"' in payload or b'"error"' in payload:
+            obj = orjson.loads(payload)
+            if type(obj) is dict:
+                u = obj.get("usage")
+                if u:
+                    self.usage = u
+                    if not obj.get("choices"):
+                        self.template = obj
+                        return
+                err = obj.get("error")
+                if err and "choices" not in obj:
+                    self.error = err.get("message") if type(err) is dict else str(err)
+        out.append(raw + b"\n\n")
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        for raw in self._sse.feed(data):
+            self._event(raw, out)
+        return out
+
+    def close(self) -> list[bytes]:
+        out: list[bytes] = []
+        for raw in self._sse.flush():
+            self._event(raw, out)
+        return out
+
+
+def stream(route: Route, op: str) -> PassthroughStream:
+    return PassthroughStream()
+
+
+def error_message(status: int, data: bytes) -> str:
+    return error_text(data)

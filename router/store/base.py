@@ -1,0 +1,101 @@
+"""Records the stores keep (API keys, users) and the interface every store implements."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
+
+import orjson
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    id: str
+    key_hash: str                 # SHA-256 hex of the secret; the secret itself is never stored
+    key_hint: str                 # "sk-...abcd", safe to show
+    user_id: str
+    alias: str | None = None
+    models: list[str] = field(default_factory=list)   # empty: every model
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    expires_at: float | None = None
+    blocked: bool = False
+    revoked_at: float | None = None
+    max_parallel: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_budget: float | None = None
+    budget_period: str | None = None
+    spend: float = 0.0
+    budget_reset_at: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def problem(self, now: float) -> str | None:
+        """Why this key may not be used now, or None."""
+        if self.revoked_at is not None:
+            return "This API key has been revoked. Ask for a new key."
+        if self.blocked:
+            return "This API key is blocked. Contact the service administrators."
+        if self.expires_at is not None and now >= self.expires_at:
+            when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.expires_at))
+            return f"This API key expired on {when}. Ask for a new key."
+        return None
+
+    def public(self) -> dict[str, Any]:
+        """What an admin or the key's owner may see: everything but the hash."""
+        d = asdict(self)
+        d.pop("key_hash")
+        return d
+
+
+@dataclass(slots=True)
+class UserRecord:
+    user_id: str
+    max_budget: float | None = None
+    budget_period: str | None = None
+    spend: float = 0.0
+    budget_reset_at: float | None = None
+    created_at: float = field(default_factory=time.time)
+
+
+KEY_FIELDS = tuple(f.name for f in fields(KeyRecord))
+USER_FIELDS = tuple(f.name for f in fields(UserRecord))
+_JSON_FIELDS = {"models", "metadata"}
+_BOOL_FIELDS = {"blocked"}
+
+
+def key_to_row(k: KeyRecord) -> dict[str, Any]:
+    d = {n: getattr(k, n) for n in KEY_FIELDS}
+    for n in _JSON_FIELDS:
+        d[n] = orjson.dumps(d[n]).decode()
+    return d
+
+
+def key_from_row(row: dict[str, Any]) -> KeyRecord:
+    d = dict(row)
+    for n in _JSON_FIELDS:
+        v = d.get(n)
+        d[n] = orjson.loads(v) if isinstance(v, (str, bytes)) else (v or ([] if n == "models" else {}))
+    for n in _BOOL_FIELDS:
+        d[n] = bool(d.get(n))
+    return KeyRecord(**{n: d[n] for n in KEY_FIELDS if n in d})
+
+
+def user_from_row(row: dict[str, Any]) -> UserRecord:
+    return UserRecord(**{n: row[n] for n in USER_FIELDS if n in row})
+
+
+class Store(Protocol):
+    """Keys and users; the ledger and spend live here too (see accounting)."""
+
+    async def init(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def create_key(self, key: KeyRecord) -> None: ...
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None: ...
+    async def find_key(self, id_or_hash: str) -> KeyRecord | None: ...
+    async def list_keys(self, user_id: str | None = None) -> list[KeyRecord]: ...
+    async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None: ...
+    async def keys_changed_since(self, ts: float) -> list[KeyRecord]: ...
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+    async def upsert_user(self, user: UserRecord) -> None: ...

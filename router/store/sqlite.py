@@ -1,0 +1,171 @@
+"""SQLite store: the embedded default. All SQLite calls run on one worker thread, never on the event loop."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import orjson
+
+from .base import KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+
+# Each entry is one schema version; a database is brought forward from the version it records.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        key_hint TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        alias TEXT,
+        models TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        expires_at REAL,
+        blocked INTEGER NOT NULL DEFAULT 0,
+        revoked_at REAL,
+        max_parallel INTEGER,
+        rpm INTEGER,
+        tpm INTEGER,
+        max_budget REAL,
+        budget_period TEXT,
+        spend REAL NOT NULL DEFAULT 0,
+        budget_reset_at REAL,
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX keys_updated ON keys(updated_at);
+    CREATE INDEX keys_user ON keys(user_id);
+    CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        max_budget REAL,
+        budget_period TEXT,
+        spend REAL NOT NULL DEFAULT 0,
+        budget_reset_at REAL,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+
+def sqlite_path(url: str) -> str:
+    """sqlite:///relative.db, sqlite:////abs/path.db, or a plain path."""
+    if url.startswith("sqlite://"):
+        url = url[len("sqlite://"):]
+        if url.startswith("/"):
+            url = url[1:] if not url.startswith("//") else url[1:]
+    return url or "cborg.db"
+
+
+class SQLiteStore:
+    def __init__(self, url: str):
+        self.path = sqlite_path(url)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cborg-sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    # -- plumbing
+    async def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        if self._db is None:
+            d = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(d, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._db = db
+        return fn(self._db)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, migrations: list[str]) -> None:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        have = row[0] if row else 0
+        if row is None:
+            db.execute("INSERT INTO schema_version VALUES (0)")
+        for v in range(have, len(migrations)):
+            db.execute("BEGIN IMMEDIATE")
+            for stmt in [s for s in migrations[v].split(";") if s.strip()]:
+                db.execute(stmt)
+            db.execute("UPDATE schema_version SET version = ?", (v + 1,))
+            db.execute("COMMIT")
+
+    async def init(self) -> None:
+        await self._run(lambda db: self._migrate(db, MIGRATIONS))
+
+    async def close(self) -> None:
+        def _close(db: sqlite3.Connection) -> None:
+            db.close()
+            self._db = None
+        if self._db is not None:
+            await self._run(_close)
+        self._pool.shutdown(wait=True)
+
+    async def ping(self) -> bool:
+        try:
+            return await self._run(lambda db: db.execute("SELECT 1").fetchone()[0] == 1)
+        except sqlite3.Error:
+            return False
+
+    # -- keys
+    async def create_key(self, key: KeyRecord) -> None:
+        row = key_to_row(key)
+        cols = ",".join(KEY_FIELDS)
+        marks = ",".join("?" for _ in KEY_FIELDS)
+        await self._run(lambda db: db.execute(f"INSERT INTO keys ({cols}) VALUES ({marks})",
+                                              [row[c] for c in KEY_FIELDS]))
+
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        row = await self._run(lambda db: db.execute("SELECT * FROM keys WHERE key_hash = ?",
+                                                    (key_hash,)).fetchone())
+        return key_from_row(dict(row)) if row else None
+
+    async def find_key(self, id_or_hash: str) -> KeyRecord | None:
+        row = await self._run(lambda db: db.execute(
+            "SELECT * FROM keys WHERE id = ? OR key_hash = ? OR alias = ? ORDER BY created_at DESC",
+            (id_or_hash, id_or_hash, id_or_hash)).fetchone())
+        return key_from_row(dict(row)) if row else None
+
+    async def list_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        def q(db: sqlite3.Connection):
+            if user_id is None:
+                return db.execute("SELECT * FROM keys ORDER BY created_at").fetchall()
+            return db.execute("SELECT * FROM keys WHERE user_id = ? ORDER BY created_at", (user_id,)).fetchall()
+        return [key_from_row(dict(r)) for r in await self._run(q)]
+
+    async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
+        bad = set(changes) - set(KEY_FIELDS) - {"updated_at"}
+        if bad or "id" in changes or "key_hash" in changes:
+            raise ValueError(f"cannot update fields {sorted(bad | ({'id', 'key_hash'} & set(changes)))}")
+        vals = {k: orjson.dumps(v).decode() if k in ("models", "metadata") else v for k, v in changes.items()}
+        vals["updated_at"] = time.time()
+        sets = ",".join(f"{k} = ?" for k in vals)
+
+        def q(db: sqlite3.Connection):
+            db.execute(f"UPDATE keys SET {sets} WHERE id = ?", [*vals.values(), key_id])
+            return db.execute("SELECT * FROM keys WHERE id = ?", (key_id,)).fetchone()
+        row = await self._run(q)
+        return key_from_row(dict(row)) if row else None
+
+    async def keys_changed_since(self, ts: float) -> list[KeyRecord]:
+        rows = await self._run(lambda db: db.execute("SELECT * FROM keys WHERE updated_at >= ?", (ts,)).fetchall())
+        return [key_from_row(dict(r)) for r in rows]
+
+    # -- users
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        row = await self._run(lambda db: db.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone())
+        return user_from_row(dict(row)) if row else None
+
+    async def upsert_user(self, user: UserRecord) -> None:
+        await self._run(lambda db: db.execute(
+            "INSERT INTO users (user_id, max_budget, budget_period, spend, budget_reset_at, created_at) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET max_budget=excluded.max_budget, "
+            "budget_period=excluded.budget_period, budget_reset_at=excluded.budget_reset_at",
+            (user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at,
+             user.created_at)))

@@ -1,0 +1,235 @@
+"""Gateway overhead benchmark: added latency at concurrency 1 and throughput at concurrency 32.
+
+The upstream is nginx answering a static provider response (100,000+ requests/s here, so the
+gateway is what is measured); the load tool is wrk. The gateway runs one worker pinned to one
+core (taskset), nginx and wrk share the other core. Each figure is the median of --rounds
+runs, and every scenario runs in the same invocation, so ratios compare like with like.
+
+Scenarios:
+  passthrough   openai/gpt-4o through the OpenAI-compatible adapter (key auth on)
+  anthropic     anthropic/claude-sonnet through the Anthropic translation (issue 3)
+  (more may be registered in SCENARIOS)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OPENAI_RESPONSE = ('{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,'
+                   '"model":"gpt-4o-2024-08-06","choices":[{"index":0,"message":{"role":"assistant",'
+                   '"content":"Hello! How can I help you today?"},"finish_reason":"stop"}],'
+                   '"usage":{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}}')
+ANTHROPIC_RESPONSE = ('{"id":"msg_bench","type":"message","role":"assistant","model":"claude-sonnet-4-5",'
+                      '"content":[{"type":"text","text":"Hello! How can I help you today?"}],'
+                      '"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
+                      '"output_tokens":9,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}')
+
+# scenario -> (model name, the path nginx answers on for the direct run, extra gateway env)
+SCENARIOS: dict[str, tuple[str, str, dict]] = {
+    "passthrough": ("openai/gpt-4o", "/v1/chat/completions", {}),
+    "anthropic": ("anthropic/claude-sonnet", "/v1/messages", {}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"==> installing {package} (apt-get)", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-q", package], check=False, capture_output=True)
+        path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}") else None)
+    if not path:
+        sys.exit(f"bench_gateway needs {tool}: apt-get install {package}")
+    return path
+
+
+def start_nginx(tmp: Path, port: int, cpu: str) -> subprocess.Popen:
+    conf = tmp / "nginx.conf"
+    def esc(s: str) -> str:
+        return s.replace("'", "\\'")
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  client_body_buffer_size 64k;
+  server {{
+    listen 127.0.0.1:{port};
+    location /v1/messages {{ default_type application/json; return 200 '{esc(ANTHROPIC_RESPONSE)}'; }}
+    location / {{ default_type application/json; return 200 '{esc(OPENAI_RESPONSE)}'; }}
+  }}
+}}
+""")
+    return subprocess.Popen(["taskset", "-c", cpu, need("nginx", "nginx-light"), "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def lua(tmp: Path, model: str, key: str) -> Path:
+    p = tmp / f"post-{re.sub(r'[^a-z0-9]', '_', model)}.lua"
+    body = ('{"model":"%s","messages":[{"role":"user","content":"Hello, how are you today?"}],'
+            '"max_tokens":64}' % model)
+    p.write_text(f"""wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+wrk.headers["x-api-key"] = "{key}"
+wrk.headers["anthropic-version"] = "2023-06-01"
+""")
+    return p
+
+
+def wrk(url: str, script: Path, conns: int, secs: float, cpu: str) -> dict:
+    out = subprocess.run(["taskset", "-c", cpu, need("wrk", "wrk"), "-t1", f"-c{conns}", f"-d{max(1, round(secs))}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    def ms(v: str) -> float:
+        m = re.match(r"([\d.]+)(us|ms|s|m)", v)
+        if m is None:
+            raise RuntimeError(f"cannot read wrk output:\n{out}")
+        n, u = float(m.group(1)), m.group(2)
+        return n / 1000 if u == "us" else n if u == "ms" else n * 1000
+    p50 = ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+    p99 = ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errs = re.search(r"Socket errors:.*", out)
+    return {"p50_ms": p50, "p99_ms": p99, "rps": rps, "non2xx": int(bad.group(1)) if bad else 0,
+            "socket_errors": errs.group(0) if errs else ""}
+
+
+async def make_key(db_url: str) -> str:
+    from router.key_admin import create_key
+    from router.store import open_store
+    store = open_store(db_url)
+    await store.init()
+    secret, _ = await create_key(store, "bench@lbl.gov", expires="1d")
+    await store.close()
+    return secret
+
+
+def start_gateway(port: int, env: dict, cpu: str, log: Path) -> subprocess.Popen:
+    p = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-m", "cborg.cli", "router", "--port", str(port),
+                          "--log-level", "warning"], env={**os.environ, **env}, cwd=ROOT,
+                         stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness", timeout=1)
+            return p
+        except OSError:
+            if p.poll() is not None:
+                sys.exit(f"gateway exited: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    sys.exit("gateway did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default="passthrough", help=f"comma list of {', '.join(SCENARIOS)}")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gateway-cpu", default="1")
+    ap.add_argument("--load-cpu", default="0")
+    a = ap.parse_args()
+    scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    for s in scen:
+        if s not in SCENARIOS:
+            sys.exit(f"unknown scenario {s}; known: {', '.join(SCENARIOS)}")
+
+    tmp = Path(tempfile.mkdtemp(prefix="cborg-bench-"))
+    nport, gport = free_port(), free_port()
+    nginx = start_nginx(tmp, nport, a.load_cpu)
+    time.sleep(0.3)
+    db = f"sqlite:///{tmp / 'bench.db'}"
+    key = asyncio.run(make_key(db))
+    base_env = {"CBORG_DATABASE_URL": db, "OPENAI_API_KEY": "sk-bench-upstream", "ANTHROPIC_API_KEY": "sk-ant-bench",
+                "OPENAI_BASE_URL": f"http://127.0.0.1:{nport}/v1", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{nport}",
+                "XAI_API_KEY": "x", "GEMINI_API_KEY": "x"}
+    results: dict[str, dict] = {}
+    procs = [nginx]
+    try:
+        direct = lua(tmp, "gpt-4o", key)
+        for s in scen:
+            model, path, extra_env = SCENARIOS[s]
+            gw = start_gateway(gport, {**base_env, **extra_env}, a.gateway_cpu, tmp / f"gw-{s}.log")
+            procs.append(gw)
+            script = lua(tmp, model, key)
+            gurl = f"http://127.0.0.1:{gport}/v1/chat/completions"
+            durl = f"http://127.0.0.1:{nport}{path}"
+            wrk(gurl, script, 32, 2, a.load_cpu)  # warm up
+            rows = {"direct_c1": [], "gw_c1": [], "gw_c32": [], "direct_c32": []}
+            for _ in range(a.rounds):
+                rows["direct_c1"].append(wrk(durl, direct, 1, a.seconds, a.load_cpu))
+                rows["gw_c1"].append(wrk(gurl, script, 1, a.seconds, a.load_cpu))
+                rows["gw_c32"].append(wrk(gurl, script, 32, a.seconds, a.load_cpu))
+            rows["direct_c32"].append(wrk(durl, direct, 32, a.seconds, a.load_cpu))
+            gw.send_signal(signal.SIGTERM)
+            gw.wait(20)
+            procs.remove(gw)
+            med = lambda k, f: statistics.median(r[f] for r in rows[k])  # noqa: E731
+            results[s] = {
+                "direct_p50_ms": med("direct_c1", "p50_ms"), "gw_p50_ms": med("gw_c1", "p50_ms"),
+                "added_p50_ms": statistics.median(g["p50_ms"] - d["p50_ms"] for g, d in zip(rows["gw_c1"], rows["direct_c1"])),
+                "gw_p99_ms_c1": med("gw_c1", "p99_ms"),
+                "gw_rps_c32": med("gw_c32", "rps"), "direct_rps_c32": med("direct_c32", "rps"),
+                "errors": sum(r["non2xx"] for k in rows for r in rows[k]),
+            }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\nmachine: {os.cpu_count()} cores, {platform_line()}; gateway pinned to CPU {a.gateway_cpu}, "
+          f"nginx+wrk to CPU {a.load_cpu}; {a.rounds} rounds x {a.seconds:g}s, medians\n")
+    print("| scenario | direct p50 (ms) | gateway p50 (ms) | added p50 (ms) | gateway p99 c=1 (ms) | gateway req/s c=32 | nginx req/s c=32 | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for s, r in results.items():
+        print(f"| {s} | {r['direct_p50_ms']:.3f} | {r['gw_p50_ms']:.3f} | {r['added_p50_ms']:.3f} | "
+              f"{r['gw_p99_ms_c1']:.2f} | {r['gw_rps_c32']:,.0f} | {r['direct_rps_c32']:,.0f} | {r['errors']} |")
+    if "passthrough" in results and len(results) > 1:
+        base = results["passthrough"]
+        for s, r in results.items():
+            if s != "passthrough":
+                print(f"\n{s} vs passthrough: added p50 {r['added_p50_ms'] - base['added_p50_ms']:+.3f} ms, "
+                      f"throughput ratio {r['gw_rps_c32'] / base['gw_rps_c32']:.2f}")
+
+
+def platform_line() -> str:
+    try:
+        model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, Python {sys.version.split()[0]}"
+
+
+if __name__ == "__main__":
+    main()

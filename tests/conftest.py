@@ -1,0 +1,101 @@
+"""Shared fixtures: provider mocks and a real gateway on loopback ports."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers.servers import ROOT, AiohttpServer, ASGIServer
+from tests.mocks.openai_mock import MockOpenAI
+
+MASTER_KEY = "mk-test-master-key-0123456789"
+
+
+def write_catalog(path: Path, mock_url: str, edit=None) -> Path:
+    """The repo's models.yaml with lbl/* pointed at the mock (as an admin's existing vLLM would be)."""
+    conf = yaml.safe_load((ROOT / "models.yaml").read_text())
+    for m in conf["models"]:
+        if m["provider"] == "lbl":
+            m["base_url"] = mock_url + "/v1"
+            m["api_key_env"] = "LBL_VLLM_KEY"
+    for a in conf.get("aliases", []):
+        if a.get("system_prompt"):
+            a["system_prompt"] = str(ROOT / a["system_prompt"])
+    if edit:
+        edit(conf)
+    path.write_text(yaml.safe_dump(conf, sort_keys=False))
+    return path
+
+
+def provider_env(mock: MockOpenAI) -> dict[str, str]:
+    return {"OPENAI_API_KEY": mock.api_key, "OPENAI_BASE_URL": mock.url + "/v1",
+            "XAI_API_KEY": mock.api_key, "XAI_BASE_URL": mock.url + "/v1",
+            "LBL_VLLM_KEY": mock.api_key}
+
+
+@pytest.fixture(scope="session")
+def mock_openai():
+    mock = MockOpenAI()
+    with AiohttpServer(mock.app) as srv:
+        mock.url = srv.url
+        yield mock
+
+
+@pytest.fixture(autouse=False)
+def fresh_mock(mock_openai):
+    mock_openai.reset()
+    yield mock_openai
+    mock_openai.reset()
+
+
+class GatewayUnderTest:
+    def __init__(self, server: ASGIServer, db_url: str):
+        self.server = server
+        self.url = server.url
+        self.gw = server.app.state
+        self.db_url = db_url
+
+    def admin(self, method: str, path: str, **kw) -> httpx.Response:
+        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {MASTER_KEY}"},
+                             timeout=30, **kw)
+
+    def new_key(self, user: str = "researcher@lbl.gov", **fields) -> str:
+        r = self.admin("POST", "/key/generate", json={"user_id": user, **fields})
+        assert r.status_code == 200, r.text
+        return r.json()["key"]
+
+
+@contextlib.contextmanager
+def running_gateway(tmp: Path, mock: MockOpenAI, edit=None, env: dict | None = None, db: str | None = None,
+                    **settings_kw):
+    """A gateway in this process on a free port; `edit` changes the catalog, `env` the provider env."""
+    from router.app import create_app
+    from router.config import Settings
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = write_catalog(tmp / "models.yaml", mock.url, edit)
+    db = db or f"sqlite:///{tmp / 'cborg.db'}"
+    kw = {"master_key": MASTER_KEY, "max_body_bytes": 1024 * 1024, **settings_kw}
+    settings = Settings(config_path=cfg, database_url=db, env=provider_env(mock) if env is None else env, **kw)
+    app = create_app(settings)
+    with ASGIServer(app) as srv:
+        yield GatewayUnderTest(srv, db)
+
+
+@pytest.fixture(scope="session")
+def gateway(mock_openai, tmp_path_factory):
+    with running_gateway(tmp_path_factory.mktemp("gw"), mock_openai) as g:
+        yield g
+
+
+@pytest.fixture(scope="session")
+def api_key(gateway):
+    return gateway.new_key()
+
+
+def require_services() -> bool:
+    return os.environ.get("CBORG_REQUIRE_SERVICES") == "1"

@@ -1,0 +1,143 @@
+"""The pooled upstream client and the SSE framing, against real sockets."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from router.sse import SSESplitter, parse_event
+from router.upstream import Target, Timeouts, UpstreamError, UpstreamPool
+
+
+def test_sse_framing_any_line_ending_and_split_points():
+    stream = b"data: a\r\n\r\nevent: x\ndata: b1\ndata: b2\n\n: comment\n\ndata: c\r\rdata: d\n\n"
+    for cut in range(1, len(stream)):
+        sp = SSESplitter()
+        events = sp.feed(stream[:cut]) + sp.feed(stream[cut:]) + sp.flush()
+        parsed = [parse_event(e) for e in events]
+        assert [p for p in parsed if p[1]] == [("message", b"a"), ("x", b"b1\nb2"), ("message", b"c"),
+                                               ("message", b"d")], cut
+
+
+def test_target_parse():
+    t = Target.parse("https://api.openai.com/v1/")
+    assert (t.host, t.port, t.path, t.host_header) == ("api.openai.com", 443, "/v1", b"api.openai.com")
+    t = Target.parse("http://127.0.0.1:8080")
+    assert (t.port, t.path, t.host_header) == (8080, "", b"127.0.0.1:8080")
+    with pytest.raises(ValueError):
+        Target.parse("ftp://x")
+
+
+async def _server(handler):
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+    return srv, srv.sockets[0].getsockname()[1]
+
+
+async def _read_request(reader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    n = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            n = int(line.split(b":")[1])
+    return head + (await reader.readexactly(n) if n else b"")
+
+
+async def test_keep_alive_reuse_and_chunked_stream():
+    conns = 0
+
+    async def handler(reader, writer):
+        nonlocal conns
+        conns += 1
+        try:
+            while True:
+                req = await _read_request(reader)
+                if b"/stream" in req:
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    for part in (b"data: 1\n\n", b"data: 2\n\n"):
+                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: b\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    for _ in range(5):
+        r = await pool.request(t, b"POST", "/x", [(b"content-type", b"application/json")], b"{}")
+        assert r.status == 200 and r.header("X-A") == "b"
+        assert await r.read() == b"ok"
+    r = await pool.request(t, b"POST", "/stream", [], b"")
+    got = [c async for c in r.chunks()]
+    assert b"".join(got) == b"data: 1\n\ndata: 2\n\n" and len(got) == 2
+    assert conns == 1                     # one connection served all six exchanges
+    await pool.close()
+    srv.close()
+
+
+async def test_stale_pooled_connection_is_retried_once():
+    seen = 0
+
+    async def handler(reader, writer):
+        nonlocal seen
+        await _read_request(reader)
+        seen += 1
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()              # server closes the kept-alive connection afterwards
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    for _ in range(3):
+        r = await pool.request(t, b"POST", "/", [], b"")
+        assert await r.read() == b"ok"
+    assert seen == 3
+    await pool.close()
+    srv.close()
+
+
+async def test_timeouts_and_connect_errors():
+    async def silent(reader, writer):
+        await asyncio.sleep(5)
+
+    srv, port = await _server(silent)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    with pytest.raises(UpstreamError) as e:
+        await pool.request(t, b"POST", "/", [], b"", Timeouts(first_byte=0.2))
+    assert e.value.kind == "timeout" and "first byte" in str(e.value)
+    srv.close()
+    with pytest.raises(UpstreamError) as e:
+        await pool.request(Target.parse("http://127.0.0.1:1"), b"POST", "/", [], b"")
+    assert e.value.kind == "connect"
+    await pool.close()
+
+
+async def test_body_read_timeout_between_chunks():
+    async def slow(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        await writer.drain()
+        await asyncio.sleep(3)
+
+    srv, port = await _server(slow)
+    pool = UpstreamPool()
+    r = await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"", Timeouts(read=0.2))
+    it = r.chunks()
+    assert await it.__anext__() == b"abc"
+    with pytest.raises(UpstreamError) as e:
+        await it.__anext__()
+    assert e.value.kind == "timeout"
+    await pool.close()
+    srv.close()
+
+
+async def test_header_injection_refused():
+    pool = UpstreamPool()
+    with pytest.raises(ValueError):
+        await pool.request(Target.parse("http://127.0.0.1:1"), b"POST", "/", [(b"x", b"a\r\nevil: 1")], b"")
