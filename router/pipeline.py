@@ -348,3 +348,12 @@ class Pipeline:
             yield data_event(orjson.dumps({"error": {
                 "message": f"The upstream stream for '{route.name}' failed: {call.error}",
                 "type": "upstream_error", "param": None, "code": "upstream_stream_error"}}))
+        finally:
+            if call.usage is None and tr.usage is not None:
+                # Cut short (client gone, upstream failed): account the usage reported so far,
+                # with at least one output token per delivered chunk.
+                u = normalize_usage(tr.usage)
+                if u["completion_tokens"] < call.chunks:
+                    u["completion_tokens"] = call.chunks
+                    u["total_tokens"] = u["prompt_tokens"] + call.chunks
+                call.account(u)
