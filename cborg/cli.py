@@ -30,7 +30,8 @@ def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") 
     from cborg.logs import setup_logging
     setup_logging(log_level)
     kw = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-              log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096)
+              log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096,
+              proxy_headers=False, server_header=False)
     if workers > 1:
         uvicorn.run("router.app:create_app", factory=True, workers=workers, **kw)
     else:

@@ -22,3 +22,10 @@ def cost_of(price: Price, usage: dict) -> float:
 def format_cost(cost: float) -> bytes:
     """The x-litellm-response-cost header value, as LiteLLM writes it (str of a float)."""
     return repr(round(cost, 12)).encode()
+
+
+def estimate_tokens(text: bytes) -> int:
+    """About four bytes a token: the usual rule of thumb for English text and JSON. Used for cost
+    estimates and for admitting a request against a tokens-per-minute limit before the upstream
+    reports the true count (which then replaces the estimate)."""
+    return (len(text) + 3) // 4

@@ -1,6 +1,7 @@
 """App factory: wires settings, catalog, store, key cache, limiter, upstream pool and routes."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Callable
@@ -10,7 +11,11 @@ from cborg.asgi import App, HTTPError
 from .auth import KeyCache
 from .catalog import Catalog, Route, load_catalog
 from .config import Settings
+from .ledger import Ledger
 from .limits import NullLimiter
+from .limits.memory import MemoryLimiter
+from .limits.policy import Policy
+from .metrics import Metrics
 from .pipeline import Pipeline
 from .providers import make_endpoint
 from .providers.base import Endpoint
@@ -36,7 +41,20 @@ class Gateway:
         self.store = open_store(settings.database_url)
         self.keys = KeyCache(self.store, settings.key_refresh_s)
         self.pool = UpstreamPool()
-        self.limiter = NullLimiter()
+        self.metrics = Metrics()
+        self.policy = Policy(self.catalog.conf.limits)
+        if not settings.accounting:
+            self.limiter = NullLimiter()
+            self.ledger = Ledger(None, log_requests=settings.request_logs)
+        else:
+            if settings.redis_url:
+                from .limits.redis import RedisLimiter
+                self.limiter = RedisLimiter(settings.redis_url, self.policy, self.store,
+                                            lease_s=self.catalog.conf.limits.lease_s, prefix=settings.redis_prefix,
+                                            on_error=self.metrics.limiter_errors.inc)
+            else:
+                self.limiter = MemoryLimiter(self.policy, self.store)
+            self.ledger = Ledger(self.store, interval=settings.ledger_interval_s, log_requests=settings.request_logs)
         self.pipeline = Pipeline(self)
         self.endpoints: dict[str, Endpoint] = {
             name: make_endpoint(name, conf, env=settings.env) for name, conf in self.catalog.providers.items()}
@@ -45,10 +63,15 @@ class Gateway:
             for m in self.catalog.models.values() if m.base_url}
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         await self.store.init()
         await self.keys.start()
+        await self.limiter.start()
+        await self.ledger.start()
 
     async def stop(self) -> None:
+        await self.ledger.stop()      # flush every queued row before the store closes
+        await self.limiter.stop()
         await self.keys.stop()
         await self.pool.close()
         await self.store.close()
@@ -71,10 +94,45 @@ class Gateway:
         """Names the catalog does not list but something else knows (none yet)."""
         return None
 
-    async def finish_call(self, call) -> None:
-        """Accounting and release of limits at the end of every inference call."""
+    def finish_call(self, call) -> None:
+        """End of every admitted inference call: release limits, metrics, ledger row and log line.
+
+        Nothing here waits: the limiter's release is sent without awaiting its reply and the ledger
+        only appends; the ledger's background flush writes rows and log lines in batches."""
         if call.admission is not None:
-            await call.admission.finish(call)
+            call.admission.finish(call)
+            self.metrics.in_flight.dec()
+        latency = time.perf_counter() - call.t0
+        ttft = (call.ttft - call.t0) if call.ttft is not None else None
+        self.metrics.observe(call.route.name, call.status, latency, ttft, call.usage, call.cost)
+        u = call.usage or {}
+        prompt = u.get("prompt_tokens") or 0
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        completion = u.get("completion_tokens") or 0
+        key = call.key
+        served = call.served
+        row = (call.id, time.time(), key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
+               prompt, cached, completion, call.cost, call.status, latency * 1000,
+               ttft * 1000 if ttft is not None else None, call.stream, bool(u.get("estimated")))
+        kp, up = self.policy.periods(key)
+        line = {"ts": round(row[1], 3), "level": "info", "logger": "cborg.request", "msg": "request",
+                "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,
+                "served_by": served.name, "status": call.status, "latency_ms": round(latency * 1000, 2),
+                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None, "stream": call.stream,
+                "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                "cost": call.cost}
+        if call.error:
+            line["error"] = call.error[:300]
+        self.ledger.add(row, kp, up, line)
+
+    def refused(self, call, err: HTTPError) -> None:
+        """A request a limit refused: counted and logged; no ledger row (nothing was served)."""
+        self.metrics.rejections.labels(getattr(err, "limit", "other"), getattr(err, "scope_kind", "other")).inc()
+        self.metrics.requests.labels(call.route.name, "429").inc()
+        self.ledger.log({"ts": round(time.time(), 3), "level": "info", "logger": "cborg.request",
+                         "msg": "refused", "request_id": call.id, "key_id": call.key.id, "user": call.key.user_id,
+                         "model": call.route.name, "status": 429, "limit": getattr(err, "limit", None),
+                         "error": err.message[:300]})
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:

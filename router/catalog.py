@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .durations import parse_duration
+
 Protocol = Literal["openai", "anthropic", "gemini", "bedrock"]
 
 
@@ -87,6 +89,36 @@ class AliasConf(_Strict):
     description: str = ""
 
 
+class LimitSet(_Strict):
+    """Limits for one scope. None: no limit. Budgets apply to commercial models only."""
+
+    parallel: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0)
+    tpm: int | None = Field(None, ge=0)
+    budget: float | None = Field(None, ge=0, description="US dollars per budget_period")
+    budget_period: str | None = None
+
+    @model_validator(mode="after")
+    def _period(self) -> "LimitSet":
+        if self.budget_period is not None:
+            parse_duration(self.budget_period)  # raises ValueError naming the text
+        return self
+
+    @property
+    def period_s(self) -> float | None:
+        return parse_duration(self.budget_period)
+
+
+class LimitsConf(_Strict):
+    """Defaults for every key and user; keys override theirs (`cborg keys create --rpm ...`)."""
+
+    key: LimitSet = LimitSet()
+    user: LimitSet = LimitSet(budget=50.0, budget_period="30d")
+    # Per-user limits on groups of models, by name or `prefix/*` (e.g. "lbl/*": {parallel: 5}).
+    models: dict[str, LimitSet] = {}
+    lease_s: float = Field(30.0, gt=0, description="parallel-slot lease in Redis; renewed while in flight")
+
+
 class CatalogConf(BaseModel):
     """The whole file. Sections other than these belong to other parts (the inference node)."""
 
@@ -95,6 +127,7 @@ class CatalogConf(BaseModel):
     providers: dict[str, ProviderConf]
     models: list[ModelConf]
     aliases: list[AliasConf] = []
+    limits: LimitsConf = LimitsConf()
 
     @model_validator(mode="after")
     def _cross_check(self) -> "CatalogConf":

@@ -22,6 +22,10 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     key_refresh_s: float = 2.0
     env: dict[str, str] | None = None   # where provider credentials and base URLs are read; None: os.environ
+    accounting: bool = True             # limits, budgets and the ledger; off only to benchmark without them
+    request_logs: bool = True           # one JSON log line per request
+    ledger_interval_s: float = 0.5
+    redis_prefix: str = "cborg:"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -34,6 +38,10 @@ class Settings:
             max_body_bytes=int(env.get("CBORG_MAX_BODY_BYTES") or 32 * 1024 * 1024),
             key_refresh_s=float(env.get("CBORG_KEY_REFRESH_S") or 2.0),
             env=None if env is os.environ else dict(env),
+            accounting=(env.get("CBORG_ACCOUNTING") or "on").lower() not in ("off", "0", "false", "no"),
+            request_logs=(env.get("CBORG_REQUEST_LOGS") or "on").lower() not in ("off", "0", "false", "no"),
+            ledger_interval_s=float(env.get("CBORG_LEDGER_INTERVAL_S") or 0.5),
+            redis_prefix=env.get("CBORG_REDIS_PREFIX") or "cborg:",
         )
         for k, v in overrides.items():
             setattr(s, k, v)

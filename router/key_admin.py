@@ -4,7 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .auth import generate_key, hash_key, key_hint, new_key_id, parse_duration
+from .auth import generate_key, hash_key, key_hint, new_key_id
+from .durations import parse_duration
 from .store.base import KeyRecord, Store
 
 DEFAULT_EXPIRY = "365d"

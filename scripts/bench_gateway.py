@@ -5,10 +5,12 @@ gateway is what is measured); the load tool is wrk. The gateway runs one worker 
 core (taskset), nginx and wrk share the other core. Each figure is the median of --rounds
 runs, and every scenario runs in the same invocation, so ratios compare like with like.
 
-Scenarios:
-  passthrough   openai/gpt-4o through the OpenAI-compatible adapter (key auth on)
-  anthropic     anthropic/claude-sonnet through the Anthropic translation (issue 3)
-  (more may be registered in SCENARIOS)
+Scenarios (each runs its own gateway process; the key has parallel, RPM, TPM and budget limits):
+  passthrough     openai/gpt-4o through the OpenAI-compatible adapter; limits, budgets, ledger on
+                  (the embedded default: in-process limiter + SQLite)
+  accounting-off  the same with CBORG_ACCOUNTING=off (no limits, no ledger; metrics and logs stay)
+  redis-postgres  the same with CBORG_REDIS_URL and CBORG_DATABASE_URL=postgresql://... (scale-out)
+  anthropic       anthropic/claude-sonnet through the Anthropic translation
 """
 from __future__ import annotations
 
@@ -38,10 +40,16 @@ ANTHROPIC_RESPONSE = ('{"id":"msg_bench","type":"message","role":"assistant","mo
                       '"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
                       '"output_tokens":9,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}')
 
-# scenario -> (model name, the path nginx answers on for the direct run, extra gateway env)
-SCENARIOS: dict[str, tuple[str, str, dict]] = {
-    "passthrough": ("openai/gpt-4o", "/v1/chat/completions", {}),
-    "anthropic": ("anthropic/claude-sonnet", "/v1/messages", {}),
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+# scenario -> (model name, the path nginx answers on for the direct run, extra gateway env, database kind)
+SCENARIOS: dict[str, tuple[str, str, dict, str]] = {
+    "passthrough": ("openai/gpt-4o", "/v1/chat/completions", {}, "sqlite"),
+    "accounting-off": ("openai/gpt-4o", "/v1/chat/completions", {"CBORG_ACCOUNTING": "off"}, "sqlite"),
+    "redis-postgres": ("openai/gpt-4o", "/v1/chat/completions",
+                       {"CBORG_REDIS_URL": REDIS_URL, "CBORG_REDIS_PREFIX": f"bench{os.getpid()}:"}, "postgres"),
+    "anthropic": ("anthropic/claude-sonnet", "/v1/messages", {}, "sqlite"),
 }
 
 
@@ -122,13 +130,26 @@ def wrk(url: str, script: Path, conns: int, secs: float, cpu: str) -> dict:
 
 
 async def make_key(db_url: str) -> str:
+    """A key with every limit set (high enough never to refuse), so each one is checked per request."""
     from router.key_admin import create_key
     from router.store import open_store
     store = open_store(db_url)
     await store.init()
-    secret, _ = await create_key(store, "bench@lbl.gov", expires="1d")
+    secret, _ = await create_key(store, "bench@lbl.gov", expires="1d", max_parallel=10_000, rpm=100_000_000,
+                                 tpm=10_000_000_000, max_budget=1_000_000, budget_period="30d")
     await store.close()
     return secret
+
+
+async def pg_schema(name: str, drop: bool = False) -> str:
+    import asyncpg
+    c = await asyncpg.connect(PG_URL)
+    await c.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+    if not drop:
+        await c.execute(f"CREATE SCHEMA {name}")
+    await c.close()
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}search_path={name}"
 
 
 def start_gateway(port: int, env: dict, cpu: str, log: Path) -> subprocess.Popen:
@@ -164,18 +185,20 @@ def main() -> None:
     nport, gport = free_port(), free_port()
     nginx = start_nginx(tmp, nport, a.load_cpu)
     time.sleep(0.3)
-    db = f"sqlite:///{tmp / 'bench.db'}"
-    key = asyncio.run(make_key(db))
-    base_env = {"CBORG_DATABASE_URL": db, "OPENAI_API_KEY": "sk-bench-upstream", "ANTHROPIC_API_KEY": "sk-ant-bench",
+    base_env = {"OPENAI_API_KEY": "sk-bench-upstream", "ANTHROPIC_API_KEY": "sk-ant-bench",
                 "OPENAI_BASE_URL": f"http://127.0.0.1:{nport}/v1", "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{nport}",
                 "XAI_API_KEY": "x", "GEMINI_API_KEY": "x"}
     results: dict[str, dict] = {}
     procs = [nginx]
+    schema = f"cborg_bench_{os.getpid()}"
     try:
-        direct = lua(tmp, "gpt-4o", key)
         for s in scen:
-            model, path, extra_env = SCENARIOS[s]
-            gw = start_gateway(gport, {**base_env, **extra_env}, a.gateway_cpu, tmp / f"gw-{s}.log")
+            model, path, extra_env, db_kind = SCENARIOS[s]
+            db = asyncio.run(pg_schema(schema)) if db_kind == "postgres" else f"sqlite:///{tmp / (s + '.db')}"
+            key = asyncio.run(make_key(db))
+            direct = lua(tmp, "gpt-4o", key)
+            gw = start_gateway(gport, {**base_env, **extra_env, "CBORG_DATABASE_URL": db}, a.gateway_cpu,
+                               tmp / f"gw-{s}.log")
             procs.append(gw)
             script = lua(tmp, model, key)
             gurl = f"http://127.0.0.1:{gport}/v1/chat/completions"
@@ -206,6 +229,8 @@ def main() -> None:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if any(SCENARIOS[x][3] == "postgres" for x in scen):
+            asyncio.run(pg_schema(schema, drop=True))
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nmachine: {os.cpu_count()} cores, {platform_line()}; gateway pinned to CPU {a.gateway_cpu}, "
@@ -215,12 +240,16 @@ def main() -> None:
     for s, r in results.items():
         print(f"| {s} | {r['direct_p50_ms']:.3f} | {r['gw_p50_ms']:.3f} | {r['added_p50_ms']:.3f} | "
               f"{r['gw_p99_ms_c1']:.2f} | {r['gw_rps_c32']:,.0f} | {r['direct_rps_c32']:,.0f} | {r['errors']} |")
-    if "passthrough" in results and len(results) > 1:
-        base = results["passthrough"]
-        for s, r in results.items():
-            if s != "passthrough":
-                print(f"\n{s} vs passthrough: added p50 {r['added_p50_ms'] - base['added_p50_ms']:+.3f} ms, "
-                      f"throughput ratio {r['gw_rps_c32'] / base['gw_rps_c32']:.2f}")
+    print()
+    off = results.get("accounting-off")
+    for s, r in results.items():
+        if off is not None and s in ("passthrough", "redis-postgres"):
+            print(f"{s} (limits + accounting on) / accounting-off: throughput ratio "
+                  f"{r['gw_rps_c32'] / off['gw_rps_c32']:.2f}, added p50 {r['added_p50_ms'] - off['added_p50_ms']:+.3f} ms")
+        if s == "anthropic" and "passthrough" in results:
+            base = results["passthrough"]
+            print(f"anthropic vs passthrough: added p50 {r['added_p50_ms'] - base['added_p50_ms']:+.3f} ms, "
+                  f"throughput ratio {r['gw_rps_c32'] / base['gw_rps_c32']:.2f}")
 
 
 def platform_line() -> str:

@@ -59,6 +59,11 @@ class GatewayUnderTest:
         self.gw = server.app.state
         self.db_url = db_url
 
+    def run(self, coro, timeout: float = 30):
+        """Run a coroutine on the gateway's own event loop (its store and limiter live there)."""
+        import asyncio
+        return asyncio.run_coroutine_threadsafe(coro, self.gw.loop).result(timeout)
+
     def admin(self, method: str, path: str, **kw) -> httpx.Response:
         return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {MASTER_KEY}"},
                              timeout=30, **kw)
@@ -99,3 +104,58 @@ def api_key(gateway):
 
 def require_services() -> bool:
     return os.environ.get("CBORG_REQUIRE_SERVICES") == "1"
+
+
+# -- the real PostgreSQL and Redis of this machine (../shared/notes/services.md) ------------------
+PG_BASE = os.environ.get("CBORG_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_BASE = os.environ.get("CBORG_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _service_missing(what: str, err: Exception):
+    msg = f"{what} is not reachable ({err}); start it (../shared/notes/services.md)"
+    if require_services():
+        pytest.fail(msg + " - CBORG_REQUIRE_SERVICES=1 forbids skipping")
+    pytest.skip(msg)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh schema in the test database; the URL selects it with ?search_path=."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+    schema = "t_" + uuid.uuid4().hex[:12]
+
+    async def run(sql: str):
+        c = await asyncpg.connect(PG_BASE, timeout=5)
+        try:
+            await c.execute(sql)
+        finally:
+            await c.close()
+    try:
+        asyncio.run(run(f"CREATE SCHEMA {schema}"))
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+        _service_missing("PostgreSQL", e)
+    yield f"{PG_BASE}?search_path={schema}"
+    asyncio.run(run(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+
+
+@pytest.fixture
+def redis_url():
+    """The Redis URL; each test gets its own key prefix through CBORG_REDIS_PREFIX (see redis_prefix)."""
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=2) as s:
+            s.sendall(b"PING\r\n")
+            if not s.recv(16).startswith(b"+PONG"):
+                raise OSError("no PONG")
+    except OSError as e:
+        _service_missing("Redis", e)
+    return REDIS_BASE
+
+
+@pytest.fixture
+def redis_prefix():
+    import uuid
+    return f"t{uuid.uuid4().hex[:10]}:"

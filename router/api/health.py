@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cborg.asgi import App, Request, json_response
+from cborg.asgi import App, Request, Response, json_response
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -19,6 +19,10 @@ def register(app: App, gw: "Gateway") -> None:
                 "models": len(gw.catalog.routes)}
         return json_response(body, 200 if db_ok else 503)
 
+    async def metrics(req: Request):
+        return Response(gw.metrics.render(), content_type=b"text/plain; version=0.0.4; charset=utf-8")
+
+    app.route("/metrics", "GET", metrics, v1=False)
     for path in ("/health/liveliness", "/health/liveness"):
         app.route(path, "GET", liveliness, v1=False)
     for path in ("/health/readiness", "/health"):

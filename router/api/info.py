@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import hmac
+import time
 from typing import TYPE_CHECKING
+
+import orjson
 
 from cborg.asgi import App, HTTPError, Request, json_response
 
 from ..auth import bearer_token, hash_key
 from ..catalog import Route
+from ..accounting import cost_of, estimate_tokens
 from ..key_admin import find_key
+from ..limits.budget import roll
+from ..providers.base import normalize_usage
 from ..pipeline import allowed
 from ..store.base import KeyRecord
 
@@ -105,7 +111,72 @@ def register(app: App, gw: "Gateway") -> None:
             rec = key
             if ref and ref not in (key.id, key.key_hash, key.alias) and hash_key(ref) != key.key_hash:
                 raise HTTPError(403, "A key may only read its own info.", code="forbidden")
-        return json_response({"key": rec.id, "info": key_info(rec)})
+        fresh = await gw.store.find_key(rec.id)   # spend as of the last ledger flush (<= 0.5 s)
+        return json_response({"key": rec.id, "info": key_info(fresh or rec)})
+
+    async def user_info(req: Request):
+        key = await caller_key(gw, req)
+        if key is None:
+            uid = req.query.get("user_id")
+            if not uid:
+                raise HTTPError(400, "With the master key, name the user: /user/info?user_id=...", param="user_id")
+        else:
+            uid = key.user_id
+            if req.query.get("user_id") not in (None, uid):
+                raise HTTPError(403, "A key may only read its own user's info.", code="forbidden")
+        user = await gw.store.get_user(uid)
+        keys = await gw.store.list_keys(uid)
+        if user is None and not keys:
+            raise HTTPError(404, f"No such user: {uid}.", code="user_not_found", param="user_id")
+        conf = gw.catalog.conf.limits.user
+        _, period = gw.policy.periods(keys[0]) if keys else (None, conf.period_s)
+        live = gw.limiter.spend_of(f"u:{uid}")
+        spend, reset_at = roll(user.spend if user else 0.0, user.budget_reset_at if user else None, period, time.time())
+        return json_response({"user_id": uid, "user_info": {
+            "user_id": uid, "spend": live if live is not None else spend,
+            "max_budget": user.max_budget if user and user.max_budget is not None else conf.budget,
+            "budget_duration": conf.budget_period, "budget_reset_at": reset_at,
+            "budget_applies_to": "commercial models"}, "keys": [key_info(k) for k in keys]})
+
+    async def cost_calculate(req: Request):
+        await caller_key(gw, req)
+        d = await req.json(gw.settings.max_body_bytes)
+        if not isinstance(d, dict):
+            raise HTTPError(400, "Request body must be a JSON object.")
+        resp = d.get("completion_response") if isinstance(d.get("completion_response"), dict) else None
+        name = d.get("model") or (resp or {}).get("model")
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, "Missing required parameter: 'model'.", param="model")
+        route = gw.catalog.resolve(name)
+        if route is None:
+            raise HTTPError(404, f"The model '{name}' does not exist.", code="model_not_found", param="model")
+        estimated = False
+        if resp is not None:
+            usage = resp.get("usage") or {}
+        elif "messages" in d or "prompt" in d or "input" in d:
+            text = orjson.dumps(d.get("messages") or d.get("prompt") or d.get("input"))
+            usage = {"prompt_tokens": estimate_tokens(text) + estimate_tokens((route.system_prompt or "").encode()),
+                     "completion_tokens": d.get("max_tokens") or d.get("completion_tokens") or 0}
+            estimated = True
+        else:
+            usage = {"prompt_tokens": d.get("prompt_tokens") or 0, "completion_tokens": d.get("completion_tokens") or 0,
+                     "prompt_tokens_details": {"cached_tokens": d.get("cached_tokens") or 0},
+                     "cache_creation_input_tokens": d.get("cache_creation_input_tokens") or 0}
+        try:
+            usage = normalize_usage(usage)
+            if "cache_creation_input_tokens" in d or "cache_creation_input_tokens" in (resp or {}).get("usage", {}):
+                usage["cache_creation_input_tokens"] = int(d.get("cache_creation_input_tokens") or
+                                                           (resp or {}).get("usage", {}).get("cache_creation_input_tokens") or 0)
+        except (TypeError, ValueError):
+            raise HTTPError(400, "Token counts must be whole numbers.") from None
+        cost = cost_of(route.model.price, usage) if route.commercial else 0.0
+        return json_response({"cost": cost, "model": route.name, "underlying_model": route.model.model,
+                              "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+                              "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"], "estimated": estimated,
+                              "currency": "USD"})
 
     app.route("/model/info", "GET", models_info)
     app.route("/key/info", "GET", get_key_info)
+    app.route("/user/info", "GET", user_info)
+    for path in ("/cost/calculate", "/spend/calculate"):
+        app.route(path, "POST", cost_calculate)

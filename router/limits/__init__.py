@@ -1,5 +1,76 @@
-"""Admission control: parallel requests, requests and tokens per minute, budgets."""
+"""Admission control: parallel requests, requests and tokens per minute, budgets.
+
+A limiter's `admit(call)` either raises a 429 HTTPError naming the limit, its value and when it
+resets, or returns an Admission whose `finish(call)` (called exactly once, by Call.finish) releases
+parallel slots, corrects the token estimate to the actual usage and adds the cost to the spend.
+Windows are 60 one-second buckets: "per minute" means any 60-second window, to the second.
+Two implementations: memory.py (one process) and redis.py (shared by replicas).
+"""
 from __future__ import annotations
+
+import math
+import time
+
+from cborg.asgi import HTTPError
+
+from .policy import Check
+
+_LIMIT_NAMES = {"parallel": "parallel requests", "rpm": "requests per minute", "tpm": "tokens per minute",
+                "budget": "budget"}
+
+
+def reject(check: Check, limit: str, value: float, used: float, reset_in: float | None,
+           need: int = 0, reset_at: float | None = None) -> HTTPError:
+    """The 429 for one exceeded limit: which, its value, and when it resets."""
+    who = check.label
+    if limit == "parallel":
+        msg = (f"Too many parallel requests for {who}: the limit is {int(value)} in flight. "
+               "Retry when one of your requests has finished.")
+        retry = 1
+    elif limit == "budget":
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reset_at)) if reset_at else "never (no budget period)"
+        msg = (f"Budget exceeded for {who}: spent ${used:.4f} of the ${value:.2f} budget for commercial models; "
+               f"it resets {('at ' + when) if reset_at else when}. Free lbl/* models remain available.")
+        retry = max(1, math.ceil(reset_in)) if reset_in is not None else 3600
+    else:
+        extra = f", this request needs about {need}" if limit == "tpm" and need else ""
+        msg = (f"Rate limit reached for {who}: {int(value)} {_LIMIT_NAMES[limit]} (used {int(used)}{extra}). "
+               f"Resets in {max(1, math.ceil(reset_in or 1))} s.")
+        retry = max(1, math.ceil(reset_in or 1))
+    err = HTTPError(429, msg, code="rate_limit_exceeded", type="rate_limit_error",
+                    headers=[(b"retry-after", str(retry).encode())])
+    err.limit = limit  # type: ignore[attr-defined]
+    err.scope_kind = check.kind  # type: ignore[attr-defined]
+    return err
+
+
+def _reset_str(seconds: float) -> bytes:
+    """OpenAI's x-ratelimit-reset-* format: 1s, 6m0s, 20ms."""
+    if seconds < 1:
+        return b"%dms" % max(0, int(seconds * 1000))
+    s = math.ceil(seconds)
+    return (b"%dm%ds" % (s // 60, s % 60)) if s >= 60 else b"%ds" % s
+
+
+def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest (limit, remaining, reset_in) of requests and of tokens."""
+    h: list[tuple[bytes, bytes]] = []
+    if req is not None:
+        h += [(b"x-ratelimit-limit-requests", b"%d" % req[0]),
+              (b"x-ratelimit-remaining-requests", b"%d" % max(0, req[1])),
+              (b"x-ratelimit-reset-requests", _reset_str(req[2]))]
+    if tok is not None:
+        h += [(b"x-ratelimit-limit-tokens", b"%d" % tok[0]),
+              (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tok[1])),
+              (b"x-ratelimit-reset-tokens", _reset_str(tok[2]))]
+    return h
+
+
+def tokens_used(call) -> int:
+    u = call.usage
+    if not u:
+        return 0
+    return int(u.get("prompt_tokens") or 0) + int(u.get("completion_tokens") or 0)
 
 
 class _Open:
@@ -8,13 +79,24 @@ class _Open:
     __slots__ = ()
     headers: list = []
 
-    async def finish(self, call) -> None:
+    def finish(self, call) -> None:
         return None
 
 
-_OPEN = _Open()
+OPEN = _Open()
 
 
 class NullLimiter:
+    """Limits and budgets off (CBORG_LIMITS=off)."""
+
     async def admit(self, call) -> _Open:
-        return _OPEN
+        return OPEN
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def spend_of(self, scope: str) -> float | None:
+        return None

@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import orjson
 
+from ..ledger import LEDGER_COLUMNS
+from ..limits.budget import roll
 from .base import KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
 
 # Each entry is one schema version; a database is brought forward from the version it records.
@@ -46,6 +48,30 @@ MIGRATIONS: list[str] = [
         budget_reset_at REAL,
         created_at REAL NOT NULL
     );
+    """,
+    """
+    CREATE TABLE ledger (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        request_id TEXT NOT NULL,
+        ts REAL NOT NULL,
+        key_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        served_model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        cached_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost REAL NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        ttft_ms REAL,
+        stream INTEGER NOT NULL,
+        estimated INTEGER NOT NULL
+    );
+    CREATE INDEX ledger_ts ON ledger(ts);
+    CREATE INDEX ledger_key ON ledger(key_id, ts);
+    CREATE INDEX ledger_user ON ledger(user_id, ts);
     """,
 ]
 
@@ -169,3 +195,50 @@ class SQLiteStore:
             "budget_period=excluded.budget_period, budget_reset_at=excluded.budget_reset_at",
             (user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at,
              user.created_at)))
+
+    # -- ledger and spend
+    async def write_ledger(self, rows: list[tuple], keys: dict, users: dict, now: float) -> None:
+        cols = ",".join(LEDGER_COLUMNS)
+        marks = ",".join("?" for _ in LEDGER_COLUMNS)
+
+        def tx(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(f"INSERT INTO ledger ({cols}) VALUES ({marks})", rows)
+                for key_id, d in keys.items():
+                    r = db.execute("SELECT spend, budget_reset_at FROM keys WHERE id = ?", (key_id,)).fetchone()
+                    if r is not None:
+                        spend, reset_at = roll(r[0], r[1], d.period_s, now)
+                        db.execute("UPDATE keys SET spend = ?, budget_reset_at = ? WHERE id = ?",
+                                   (spend + d.delta, reset_at, key_id))
+                for user_id, d in users.items():
+                    r = db.execute("SELECT spend, budget_reset_at FROM users WHERE user_id = ?", (user_id,)).fetchone()
+                    spend, reset_at = roll(r[0], r[1], d.period_s, now) if r else roll(0.0, None, d.period_s, now)
+                    if r is None:
+                        db.execute("INSERT INTO users (user_id, spend, budget_reset_at, created_at) VALUES (?,?,?,?)",
+                                   (user_id, spend + d.delta, reset_at, now))
+                    else:
+                        db.execute("UPDATE users SET spend = ?, budget_reset_at = ? WHERE user_id = ?",
+                                   (spend + d.delta, reset_at, user_id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        await self._run(tx)
+
+    async def ledger_totals(self, key_id: str | None = None) -> tuple[int, float]:
+        def q(db: sqlite3.Connection):
+            if key_id is None:
+                return db.execute("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger").fetchone()
+            return db.execute("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger WHERE key_id = ?",
+                              (key_id,)).fetchone()
+        r = await self._run(q)
+        return int(r[0]), float(r[1])
+
+    async def ledger_rows(self, key_id: str | None = None, limit: int = 1000) -> list[dict]:
+        def q(db: sqlite3.Connection):
+            if key_id is None:
+                return db.execute("SELECT * FROM ledger ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            return db.execute("SELECT * FROM ledger WHERE key_id = ? ORDER BY id DESC LIMIT ?",
+                              (key_id, limit)).fetchall()
+        return [dict(r) for r in await self._run(q)]

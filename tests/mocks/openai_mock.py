@@ -64,6 +64,9 @@ class MockOpenAI:
         self.sent_at: list[float] = []     # when each stream chunk was written
         self.active_streams = 0
         self.cancelled_streams = 0
+        self.delay = 0.0                    # before answering any request
+        self.active = 0                     # requests being handled now, and the most at once
+        self.max_active = 0
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             self.app.router.add_post(p, self.handle)
@@ -77,6 +80,8 @@ class MockOpenAI:
         self._prefixes.clear()
         self.sent_at.clear()
         self.cancelled_streams = 0
+        self.delay = 0.0
+        self.max_active = 0
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": []})
@@ -98,6 +103,16 @@ class MockOpenAI:
 
     # -- the endpoint -----------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            return await self._handle(request)
+        finally:
+            self.active -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
         self.requests.append(rec)

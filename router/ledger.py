@@ -1,0 +1,149 @@
+"""The spend ledger: one row per request, written in batches off the hot path.
+
+`add` only appends to a list. A background task flushes every `interval` seconds (or sooner when
+the batch is large) in one transaction: the rows, plus each key's and user's spend delta. The
+same flush writes the request log lines (JSON), so per-request logging costs one write per batch.
+On graceful shutdown `stop` flushes everything; after SIGKILL at most `interval` of rows is lost.
+If the database is unreachable, rows stay queued and the next flush retries.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from dataclasses import dataclass
+
+import orjson
+
+log = logging.getLogger("cborg.ledger")
+
+LEDGER_COLUMNS = ("request_id", "ts", "key_id", "user_id", "model", "served_model", "provider", "prompt_tokens",
+                  "cached_tokens", "completion_tokens", "cost", "status", "latency_ms", "ttft_ms", "stream",
+                  "estimated")
+
+
+@dataclass
+class SpendDelta:
+    delta: float = 0.0
+    period_s: float | None = None
+    tokens: int = 0
+
+
+class Ledger:
+    def __init__(self, store, interval: float = 0.5, max_batch: int = 2000, log_requests: bool = True,
+                 log_stream=None, max_queue: int = 2_000_000):
+        self.store = store
+        self.interval = interval
+        self.max_batch = max_batch
+        self.log_requests = log_requests
+        self._log_stream = log_stream
+        self.max_queue = max_queue
+        self._rows: list[tuple] = []
+        self._keys: dict[str, SpendDelta] = {}
+        self._users: dict[str, SpendDelta] = {}
+        self._logs: list[bytes] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._lock = asyncio.Lock()
+        self.written = 0
+        self.dropped = 0
+
+    # -- hot path: append only ----------------------------------------------------------------
+    def add(self, row: tuple, key_period: float | None, user_period: float | None, log_line: dict | None) -> None:
+        self._rows.append(row)
+        cost = row[10]
+        tokens = (row[7] or 0) + (row[9] or 0)
+        kd = self._keys.get(row[2])
+        if kd is None:
+            kd = self._keys[row[2]] = SpendDelta(period_s=key_period)
+        kd.delta += cost
+        kd.tokens += tokens
+        ud = self._users.get(row[3])
+        if ud is None:
+            ud = self._users[row[3]] = SpendDelta(period_s=user_period)
+        ud.delta += cost
+        ud.tokens += tokens
+        if log_line is not None and self.log_requests:
+            self._logs.append(orjson.dumps(log_line, default=str))
+        if len(self._rows) >= self.max_batch:
+            self._wake.set()
+
+    def log(self, line: dict) -> None:
+        """A request log line without a ledger row (refused requests)."""
+        if self.log_requests:
+            self._logs.append(orjson.dumps(line, default=str))
+
+    def pending(self) -> int:
+        return len(self._rows)
+
+    # -- background ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for _ in range(5):   # everything queued goes out before the store closes
+            await self.flush()
+            if not self._rows:
+                break
+            await asyncio.sleep(0.5)
+        if self._rows:
+            log.error("ledger: %d rows could not be written at shutdown", len(self._rows))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            self._write_logs()
+            if not self._rows:
+                return
+            rows, keys, users = self._rows, self._keys, self._users
+            self._rows, self._keys, self._users = [], {}, {}
+            if self.store is None:   # accounting off: request logs only
+                return
+            try:
+                await self.store.write_ledger(rows, keys, users, time.time())
+                self.written += len(rows)
+            except Exception as e:  # noqa: BLE001 - keep the rows and try again next time
+                log.error("ledger flush of %d rows failed, will retry: %s", len(rows), e)
+                self._requeue(rows, keys, users)
+
+    def _requeue(self, rows, keys, users) -> None:
+        self._rows[:0] = rows
+        for src, dst in ((keys, self._keys), (users, self._users)):
+            for k, d in src.items():
+                cur = dst.get(k)
+                if cur is None:
+                    dst[k] = d
+                else:
+                    cur.delta += d.delta
+                    cur.tokens += d.tokens
+        if len(self._rows) > self.max_queue:
+            drop = len(self._rows) - self.max_queue
+            del self._rows[:drop]
+            self.dropped += drop
+            log.error("ledger queue over %d rows: dropped the %d oldest", self.max_queue, drop)
+
+    def _write_logs(self) -> None:
+        if not self._logs:
+            return
+        lines, self._logs = self._logs, []
+        out = self._log_stream or sys.stderr.buffer
+        try:
+            out.write(b"\n".join(lines) + b"\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,96 @@
+"""Which limits apply to a request: the key's, its user's, and per-user model-group limits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..catalog import LimitsConf, LimitSet, Route
+from ..store.base import KeyRecord
+from ..durations import parse_duration
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One scope's limits for one request. `scope` names the counters (shared across replicas)."""
+
+    scope: str                    # "k:<key id>", "u:<user id>", "m:<user id>|<pattern>"
+    label: str                    # for messages: "key key-ab12", "user ada@lbl.gov", ...
+    kind: str                     # key | user | model
+    parallel: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    budget: float | None = None   # set only for commercial routes
+    period_s: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.parallel is None and self.rpm is None and self.tpm is None and self.budget is None
+
+
+def _pick(own, default):
+    return own if own is not None else default
+
+
+class Policy:
+    """Turns (key, route) into Checks; cached per key version and route."""
+
+    def __init__(self, conf: LimitsConf):
+        self.conf = conf
+        self._cache: dict[tuple, tuple[Check, ...]] = {}
+        self._groups: dict[str, list[tuple[str, LimitSet]]] = {}
+        self._periods: dict[tuple, tuple] = {}
+
+    def _model_groups(self, route: Route) -> list[tuple[str, LimitSet]]:
+        g = self._groups.get(route.name)
+        if g is None:
+            g = []
+            for pattern, ls in self.conf.models.items():
+                for n in (route.name, route.model.name):
+                    if n == pattern or (pattern.endswith("/*") and n.startswith(pattern[:-1])) or pattern == "*":
+                        g.append((pattern, ls))
+                        break
+            self._groups[route.name] = g
+        return g
+
+    def checks(self, key: KeyRecord, route: Route) -> tuple[Check, ...]:
+        ck = (key.id, key.updated_at, route.name)
+        got = self._cache.get(ck)
+        if got is not None:
+            return got
+        c = self.conf
+        commercial = route.commercial
+        kd, ud = c.key, c.user
+        key_budget = _pick(key.max_budget, kd.budget)
+        out = [
+            Check(f"k:{key.id}", f"key {key.alias or key.id}", "key",
+                  _pick(key.max_parallel, kd.parallel), _pick(key.rpm, kd.rpm), _pick(key.tpm, kd.tpm),
+                  key_budget if commercial else None,
+                  parse_duration(_pick(key.budget_period, kd.budget_period))),
+            Check(f"u:{key.user_id}", f"user {key.user_id}", "user", ud.parallel, ud.rpm, ud.tpm,
+                  ud.budget if commercial else None, ud.period_s),
+        ]
+        for pattern, ls in self._model_groups(route):
+            out.append(Check(f"m:{key.user_id}|{pattern}", f"user {key.user_id} on {pattern}", "model",
+                             ls.parallel, ls.rpm, ls.tpm, None, None))
+        checks = tuple(x for x in out if not x.empty)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[ck] = checks
+        return checks
+
+    def periods(self, key: KeyRecord) -> tuple[float | None, float | None]:
+        """Budget periods (s) of a key and of its user, for the ledger's spend roll-over."""
+        ck = (key.id, key.updated_at)
+        got = self._periods.get(ck)
+        if got is None:
+            if len(self._periods) > 50_000:
+                self._periods.clear()
+            got = self._periods[ck] = (parse_duration(_pick(key.budget_period, self.conf.key.budget_period)),
+                                       self.conf.user.period_s)
+        return got
+
+    def budget_scopes(self, key: KeyRecord) -> list[Check]:
+        """The budget-carrying scopes of a key, whatever the route (for spend accounting)."""
+        kd, ud = self.conf.key, self.conf.user
+        return [Check(f"k:{key.id}", "", "key", budget=_pick(key.max_budget, kd.budget),
+                      period_s=parse_duration(_pick(key.budget_period, kd.budget_period))),
+                Check(f"u:{key.user_id}", "", "user", budget=ud.budget, period_s=ud.period_s)]

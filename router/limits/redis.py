@@ -1,0 +1,299 @@
+"""Limits shared by gateway replicas through Redis (CBORG_REDIS_URL).
+
+Each admission is one Lua script (atomic: check every scope, then count in every scope); each end of
+request is one more, sent without waiting for its reply. Parallel slots are leases in a sorted set
+(score = expiry): this replica renews the leases of its in-flight requests every lease/3 seconds,
+so a replica that dies stops renewing and its slots free themselves within `lease_s`.
+Budgets: spend per scope lives in a Redis hash, seeded from the database the first time a scope is
+seen (and again if Redis loses it); the ledger keeps the database's copy.
+If Redis is unreachable, requests are admitted without limits (logged, counted in /metrics).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from . import OPEN, ratelimit_headers, reject, tokens_used
+from .budget import roll
+from .policy import Check, Policy
+from .resp import RedisError, RespClient
+
+log = logging.getLogger("cborg.limits")
+
+# KEYS: 4 per check (parallel zset, request window, token window, budget hash)
+# ARGV: now, sec, request id, lease expiry, token estimate, number of checks, then 5 per check:
+#       parallel, rpm, tpm, budget, period (-1 = none)
+ADMIT = """
+local now, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local function window(key)
+  local h = redis.call('HGETALL', key)
+  local total, pairs_ = 0, {}
+  for i = 1, #h, 2 do
+    local s, c = tonumber(h[i]), tonumber(h[i + 1])
+    if s <= sec - 60 then redis.call('HDEL', key, h[i]) else total = total + c; pairs_[#pairs_ + 1] = {s, c} end
+  end
+  table.sort(pairs_, function(a, b) return a[1] < b[1] end)
+  return total, pairs_
+end
+local function reset_in(total, pairs_, need, limit)
+  local over, freed = total + need - limit, 0
+  for _, p in ipairs(pairs_) do
+    freed = freed + p[2]
+    if freed >= over then return tostring(math.max(0, p[1] + 60 - now)) end
+  end
+  return '60'
+end
+local function next_free(pairs_)
+  if #pairs_ == 0 then return '60' end
+  return tostring(math.max(0, pairs_[1][1] + 60 - now))
+end
+local out = {0}
+for i = 0, n - 1 do
+  local a = 7 + i * 5
+  local par, rpm, tpm, budget, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local kp, kr, kt, kb = KEYS[i * 4 + 1], KEYS[i * 4 + 2], KEYS[i * 4 + 3], KEYS[i * 4 + 4]
+  if par >= 0 then
+    redis.call('ZREMRANGEBYSCORE', kp, '-inf', now)
+    local c = redis.call('ZCARD', kp)
+    if c >= par then return {1, i, 'parallel', tostring(par), tostring(c), '1'} end
+  end
+  if rpm >= 0 then
+    local used, p = window(kr)
+    if used + 1 > rpm then return {1, i, 'rpm', tostring(rpm), tostring(used), reset_in(used, p, 1, rpm)} end
+    out[#out + 1] = {'r', tostring(rpm), tostring(rpm - used - 1), next_free(p)}
+  end
+  if tpm >= 0 then
+    local used, p = window(kt)
+    if used + est > tpm then return {1, i, 'tpm', tostring(tpm), tostring(used), reset_in(used, p, est, tpm)} end
+    out[#out + 1] = {'t', tostring(tpm), tostring(tpm - used - est), next_free(p)}
+  end
+  if budget >= 0 then
+    local b = redis.call('HMGET', kb, 'spend', 'reset_at')
+    if not b[1] then return {2, i} end
+    local spend, reset_at = tonumber(b[1]), tonumber(b[2])
+    if period >= 0 then
+      if not reset_at then
+        reset_at = now + period
+        redis.call('HSET', kb, 'reset_at', tostring(reset_at))
+      elseif now >= reset_at then
+        reset_at = reset_at + (math.floor((now - reset_at) / period) + 1) * period
+        spend = 0
+        redis.call('HSET', kb, 'spend', '0', 'reset_at', tostring(reset_at))
+      end
+    end
+    if spend >= budget then return {1, i, 'budget', tostring(budget), tostring(spend), tostring(reset_at or -1)} end
+  end
+end
+for i = 0, n - 1 do
+  local a = 7 + i * 5
+  if tonumber(ARGV[a]) >= 0 then redis.call('ZADD', KEYS[i * 4 + 1], lease, rid); redis.call('EXPIRE', KEYS[i * 4 + 1], 86400) end
+  if tonumber(ARGV[a + 1]) >= 0 then redis.call('HINCRBY', KEYS[i * 4 + 2], sec, 1); redis.call('EXPIRE', KEYS[i * 4 + 2], 120) end
+  if tonumber(ARGV[a + 2]) >= 0 then redis.call('HINCRBY', KEYS[i * 4 + 3], sec, est); redis.call('EXPIRE', KEYS[i * 4 + 3], 120) end
+end
+return out
+"""
+
+# KEYS: 3 per check (parallel zset, token window, budget hash)
+# ARGV: request id, admission second, token correction, cost, now, number of checks, then 3 per check:
+#       has parallel, has tpm, period (-1 none; -2 no budget)
+FINISH = """
+local rid, sec, delta, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+for i = 0, n - 1 do
+  local a = 7 + i * 3
+  if ARGV[a] == '1' then redis.call('ZREM', KEYS[i * 3 + 1], rid) end
+  if ARGV[a + 1] == '1' and delta ~= 0 and redis.call('HEXISTS', KEYS[i * 3 + 2], sec) == 1 then
+    redis.call('HINCRBY', KEYS[i * 3 + 2], sec, delta)
+  end
+  local period = tonumber(ARGV[a + 2])
+  if period ~= -2 and cost > 0 and redis.call('EXISTS', KEYS[i * 3 + 3]) == 1 then
+    local reset_at = tonumber(redis.call('HGET', KEYS[i * 3 + 3], 'reset_at'))
+    if period >= 0 and reset_at and now >= reset_at then
+      reset_at = reset_at + (math.floor((now - reset_at) / period) + 1) * period
+      redis.call('HSET', KEYS[i * 3 + 3], 'spend', '0', 'reset_at', tostring(reset_at))
+    end
+    redis.call('HINCRBYFLOAT', KEYS[i * 3 + 3], 'spend', cost)
+  end
+end
+return 1
+"""
+
+SEED = """
+if redis.call('HSETNX', KEYS[1], 'spend', ARGV[1]) == 1 and ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'reset_at', ARGV[2])
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+class RedisAdmission:
+    __slots__ = ("lim", "checks", "rid", "sec", "est", "headers", "par_keys")
+
+    def __init__(self, lim, checks, rid, sec, est, headers, par_keys):
+        self.lim = lim
+        self.checks = checks
+        self.rid = rid
+        self.sec = sec
+        self.est = est
+        self.headers = headers
+        self.par_keys = par_keys
+
+    def finish(self, call) -> None:
+        self.lim._finish(self, call)
+
+
+class RedisLimiter:
+    def __init__(self, url: str, policy: Policy, store, lease_s: float = 30.0, prefix: str = "cborg:",
+                 clock: Callable[[], float] = time.time, on_error: Callable[[], None] | None = None):
+        self.redis = RespClient(url)
+        self.policy = policy
+        self.store = store
+        self.lease_s = lease_s
+        self.prefix = prefix
+        self.clock = clock
+        self.on_error = on_error
+        self.held: dict[str, RedisAdmission] = {}    # this replica's in-flight leases
+        self._renewer: asyncio.Task | None = None
+        self._keys_cache: dict[str, tuple] = {}
+        self._last_err = 0.0
+
+    async def start(self) -> None:
+        try:
+            for s in (ADMIT, FINISH, SEED):
+                await self.redis.call("SCRIPT", "LOAD", s)
+        except RedisError as e:
+            log.error("Redis unavailable at start-up (limits open until it is back): %s", e)
+        self._renewer = asyncio.create_task(self._renew(), name="lease-renewer")
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            try:
+                await self._renewer
+            except asyncio.CancelledError:
+                pass
+        await self.redis.close()
+
+    def _names(self, scope: str) -> tuple:
+        k = self._keys_cache.get(scope)
+        if k is None:
+            p = self.prefix + scope
+            k = self._keys_cache[scope] = (p + ":par", p + ":req", p + ":tok", p + ":spend")
+            if len(self._keys_cache) > 100_000:
+                self._keys_cache.clear()
+        return k
+
+    def _error(self, e: Exception) -> None:
+        if self.on_error:
+            self.on_error()
+        now = time.monotonic()
+        if now - self._last_err > 10:
+            self._last_err = now
+            log.error("Redis limiter error, admitting without limits: %s", e)
+
+    async def admit(self, call):
+        checks = self.policy.checks(call.key, call.route)
+        if not checks:
+            return OPEN
+        keys: list[str] = []
+        args: list = []
+        for c in checks:
+            keys += self._names(c.scope)
+            args += (-1 if c.parallel is None else c.parallel, -1 if c.rpm is None else c.rpm,
+                     -1 if c.tpm is None else c.tpm, -1 if c.budget is None else c.budget,
+                     -1 if c.period_s is None else c.period_s)
+        now = self.clock()
+        sec = int(now)
+        est = call.prompt_estimate
+        head = [now, sec, call.id, now + self.lease_s, est, len(checks)]
+        try:
+            for _ in range(3):
+                res = await self.redis.eval(ADMIT, keys, head + args)
+                if res[0] == 2:                       # a budget scope Redis does not know yet
+                    await self._seed(checks[res[1]], call.key)
+                    continue
+                break
+        except (RedisError, asyncio.TimeoutError) as e:
+            self._error(e)
+            return OPEN
+        if res[0] == 1:
+            c = checks[res[1]]
+            limit, value, used = res[2].decode(), float(res[3]), float(res[4])
+            if limit == "budget":
+                ra = float(res[5])
+                raise reject(c, "budget", value, used, (ra - now) if ra > 0 else None, reset_at=ra if ra > 0 else None)
+            raise reject(c, limit, value, used, float(res[5]), need=est)
+        req_h = tok_h = None
+        for item in res[1:]:
+            t = (int(item[1]), int(float(item[2])), float(item[3]))
+            if item[0] == b"r":
+                if req_h is None or t[1] < req_h[1]:
+                    req_h = t
+            elif tok_h is None or t[1] < tok_h[1]:
+                tok_h = t
+        headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
+        par_keys = [self._names(c.scope)[0] for c in checks if c.parallel is not None]
+        adm = RedisAdmission(self, checks, call.id, sec, est, headers, par_keys)
+        if par_keys:
+            self.held[call.id] = adm
+        return adm
+
+    async def _seed(self, c: Check, key) -> None:
+        """Put the database's spend for a scope into Redis (only if Redis has none)."""
+        if c.scope.startswith("k:"):
+            rec = await self.store.find_key(key.id)
+            spend, reset_at = (rec.spend, rec.budget_reset_at) if rec else (0.0, None)
+        else:
+            u = await self.store.get_user(key.user_id)
+            spend, reset_at = (u.spend, u.budget_reset_at) if u else (0.0, None)
+        spend, reset_at = roll(spend, reset_at, c.period_s, self.clock())
+        ttl = int((c.period_s or 365 * 86400) * 2)
+        await self.redis.eval(SEED, [self._names(c.scope)[3]], [repr(spend), repr(reset_at) if reset_at else "", ttl])
+
+    def _finish(self, adm: RedisAdmission, call) -> None:
+        self.held.pop(adm.rid, None)
+        keys: list[str] = []
+        args: list = [adm.rid, adm.sec, tokens_used(call) - adm.est, call.cost, self.clock(), len(adm.checks)]
+        for c in adm.checks:
+            p, _, t, b = self._names(c.scope)
+            keys += (p, t, b)
+            args += ("1" if c.parallel is not None else "0", "1" if c.tpm is not None else "0",
+                     -2 if c.budget is None else (-1 if c.period_s is None else c.period_s))
+        fut = self.redis.eval_nowait(FINISH, keys, args)
+        if fut is None:
+            asyncio.ensure_future(self._finish_later(keys, args))
+        else:
+            fut.add_done_callback(lambda f, k=keys, a=args: self._finished(f, k, a))
+
+    def _finished(self, fut: asyncio.Future, keys, args) -> None:
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is not None:
+            asyncio.ensure_future(self._finish_later(keys, args))
+
+    async def _finish_later(self, keys, args) -> None:
+        try:
+            await self.redis.eval(FINISH, keys, args)
+        except (RedisError, asyncio.TimeoutError) as e:
+            self._error(e)
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            if not self.held:
+                continue
+            expiry = self.clock() + self.lease_s
+            try:
+                futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
+                        for rid, adm in list(self.held.items()) for k in adm.par_keys]
+                for r in await asyncio.gather(*futs, return_exceptions=True):
+                    if isinstance(r, Exception):
+                        raise r
+            except (RedisError, asyncio.TimeoutError) as e:
+                self._error(e)
+
+    def spend_of(self, scope: str) -> float | None:
+        return None

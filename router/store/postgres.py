@@ -1,0 +1,200 @@
+"""PostgreSQL store (asyncpg): keys, users and the ledger shared by several gateway replicas.
+
+CBORG_DATABASE_URL=postgresql://user@host:5432/db; extra query parameters become server settings
+(e.g. ?search_path=cborg). Migrations run at start-up under an advisory lock, so replicas starting
+together do not race.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ..ledger import LEDGER_COLUMNS
+from ..limits.budget import roll
+from .base import KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE keys (
+        id TEXT PRIMARY KEY,
+        key_hash TEXT NOT NULL UNIQUE,
+        key_hint TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        alias TEXT,
+        models TEXT NOT NULL DEFAULT '[]',
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        blocked BOOLEAN NOT NULL DEFAULT FALSE,
+        revoked_at DOUBLE PRECISION,
+        max_parallel BIGINT,
+        rpm BIGINT,
+        tpm BIGINT,
+        max_budget DOUBLE PRECISION,
+        budget_period TEXT,
+        spend DOUBLE PRECISION NOT NULL DEFAULT 0,
+        budget_reset_at DOUBLE PRECISION,
+        metadata TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX keys_updated ON keys(updated_at);
+    CREATE INDEX keys_user ON keys(user_id);
+    CREATE TABLE users (
+        user_id TEXT PRIMARY KEY,
+        max_budget DOUBLE PRECISION,
+        budget_period TEXT,
+        spend DOUBLE PRECISION NOT NULL DEFAULT 0,
+        budget_reset_at DOUBLE PRECISION,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE ledger (
+        id BIGSERIAL PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        key_id TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        served_model TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        prompt_tokens BIGINT NOT NULL,
+        cached_tokens BIGINT NOT NULL,
+        completion_tokens BIGINT NOT NULL,
+        cost DOUBLE PRECISION NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms DOUBLE PRECISION NOT NULL,
+        ttft_ms DOUBLE PRECISION,
+        stream BOOLEAN NOT NULL,
+        estimated BOOLEAN NOT NULL
+    );
+    CREATE INDEX ledger_ts ON ledger(ts);
+    CREATE INDEX ledger_key ON ledger(key_id, ts);
+    CREATE INDEX ledger_user ON ledger(user_id, ts);
+    """,
+]
+
+_LOCK_ID = 0x6362_6f72  # "cbor": serializes migrations across replicas
+
+
+class PostgresStore:
+    def __init__(self, url: str, min_size: int = 1, max_size: int = 8):
+        self.url = url
+        self._min, self._max = min_size, max_size
+        self.pool: asyncpg.Pool | None = None
+
+    async def init(self) -> None:
+        self.pool = await asyncpg.create_pool(self.url, min_size=self._min, max_size=self._max)
+        async with self.pool.acquire() as c:
+            async with c.transaction():
+                await c.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+                await c.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                have = await c.fetchval("SELECT version FROM schema_version")
+                if have is None:
+                    await c.execute("INSERT INTO schema_version VALUES (0)")
+                    have = 0
+                for v in range(have, len(MIGRATIONS)):
+                    await c.execute(MIGRATIONS[v])
+                    await c.execute("UPDATE schema_version SET version = $1", v + 1)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def ping(self) -> bool:
+        try:
+            return await self.pool.fetchval("SELECT 1") == 1
+        except Exception:  # noqa: BLE001
+            return False
+
+    # -- keys
+    async def create_key(self, key: KeyRecord) -> None:
+        row = key_to_row(key)
+        cols = ",".join(KEY_FIELDS)
+        marks = ",".join(f"${i + 1}" for i in range(len(KEY_FIELDS)))
+        await self.pool.execute(f"INSERT INTO keys ({cols}) VALUES ({marks})", *[row[c] for c in KEY_FIELDS])
+
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        r = await self.pool.fetchrow("SELECT * FROM keys WHERE key_hash = $1", key_hash)
+        return key_from_row(dict(r)) if r else None
+
+    async def find_key(self, id_or_hash: str) -> KeyRecord | None:
+        r = await self.pool.fetchrow("SELECT * FROM keys WHERE id = $1 OR key_hash = $1 OR alias = $1 "
+                                     "ORDER BY created_at DESC LIMIT 1", id_or_hash)
+        return key_from_row(dict(r)) if r else None
+
+    async def list_keys(self, user_id: str | None = None) -> list[KeyRecord]:
+        if user_id is None:
+            rows = await self.pool.fetch("SELECT * FROM keys ORDER BY created_at")
+        else:
+            rows = await self.pool.fetch("SELECT * FROM keys WHERE user_id = $1 ORDER BY created_at", user_id)
+        return [key_from_row(dict(r)) for r in rows]
+
+    async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None:
+        bad = set(changes) - set(KEY_FIELDS)
+        if bad or "id" in changes or "key_hash" in changes:
+            raise ValueError(f"cannot update fields {sorted(bad | ({'id', 'key_hash'} & set(changes)))}")
+        vals = {k: orjson.dumps(v).decode() if k in ("models", "metadata") else v for k, v in changes.items()}
+        vals["updated_at"] = time.time()
+        sets = ",".join(f"{k} = ${i + 2}" for i, k in enumerate(vals))
+        r = await self.pool.fetchrow(f"UPDATE keys SET {sets} WHERE id = $1 RETURNING *", key_id, *vals.values())
+        return key_from_row(dict(r)) if r else None
+
+    async def keys_changed_since(self, ts: float) -> list[KeyRecord]:
+        rows = await self.pool.fetch("SELECT * FROM keys WHERE updated_at >= $1", ts)
+        return [key_from_row(dict(r)) for r in rows]
+
+    # -- users
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        r = await self.pool.fetchrow("SELECT * FROM users WHERE user_id = $1", user_id)
+        return user_from_row(dict(r)) if r else None
+
+    async def upsert_user(self, user: UserRecord) -> None:
+        await self.pool.execute(
+            "INSERT INTO users (user_id, max_budget, budget_period, spend, budget_reset_at, created_at) "
+            "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget, "
+            "budget_period = EXCLUDED.budget_period, budget_reset_at = EXCLUDED.budget_reset_at",
+            user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at, user.created_at)
+
+    # -- ledger and spend
+    async def write_ledger(self, rows: list[tuple], keys: dict, users: dict, now: float) -> None:
+        recs = [(*r[:14], bool(r[14]), bool(r[15])) for r in rows]
+        async with self.pool.acquire() as c:
+            async with c.transaction():
+                await c.copy_records_to_table("ledger", records=recs, columns=list(LEDGER_COLUMNS))
+                # Sorted, so that two replicas flushing together lock rows in the same order.
+                for key_id in sorted(keys):
+                    d = keys[key_id]
+                    r = await c.fetchrow("SELECT spend, budget_reset_at FROM keys WHERE id = $1 FOR UPDATE", key_id)
+                    if r is not None:
+                        spend, reset_at = roll(r[0], r[1], d.period_s, now)
+                        await c.execute("UPDATE keys SET spend = $2, budget_reset_at = $3 WHERE id = $1",
+                                        key_id, spend + d.delta, reset_at)
+                for user_id in sorted(users):
+                    d = users[user_id]
+                    await c.execute("INSERT INTO users (user_id, spend, created_at) VALUES ($1, 0, $2) "
+                                    "ON CONFLICT (user_id) DO NOTHING", user_id, now)
+                    r = await c.fetchrow("SELECT spend, budget_reset_at FROM users WHERE user_id = $1 FOR UPDATE",
+                                         user_id)
+                    spend, reset_at = roll(r[0], r[1], d.period_s, now)
+                    await c.execute("UPDATE users SET spend = $2, budget_reset_at = $3 WHERE user_id = $1",
+                                    user_id, spend + d.delta, reset_at)
+
+    async def ledger_totals(self, key_id: str | None = None) -> tuple[int, float]:
+        if key_id is None:
+            r = await self.pool.fetchrow("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger")
+        else:
+            r = await self.pool.fetchrow("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM ledger WHERE key_id = $1",
+                                         key_id)
+        return int(r[0]), float(r[1])
+
+    async def ledger_rows(self, key_id: str | None = None, limit: int = 1000) -> list[dict]:
+        if key_id is None:
+            rows = await self.pool.fetch("SELECT * FROM ledger ORDER BY id DESC LIMIT $1", limit)
+        else:
+            rows = await self.pool.fetch("SELECT * FROM ledger WHERE key_id = $1 ORDER BY id DESC LIMIT $2",
+                                         key_id, limit)
+        return [dict(r) for r in rows]
