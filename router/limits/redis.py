@@ -18,7 +18,7 @@ from typing import Callable
 from . import OPEN, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
-from .resp import RedisError, RespClient
+from .resp import RedisError, RespClient, pack_args, sha1
 
 log = logging.getLogger("cborg.limits")
 
@@ -128,17 +128,51 @@ return 1
 """
 
 
-class RedisAdmission:
-    __slots__ = ("lim", "checks", "rid", "sec", "est", "headers", "par_keys")
+class Commands:
+    """The encoded, per-checks constant parts of the admit and finish scripts' calls.
 
-    def __init__(self, lim, checks, rid, sec, est, headers, par_keys):
+    Only a few arguments differ per request (time, request id, estimate); the rest is encoded once
+    per (key version, route) and spliced in, which keeps the gateway's CPU per request low."""
+
+    __slots__ = ("admit_head", "admit_tail", "admit_n", "finish_head", "finish_tail", "finish_n", "par_keys")
+
+    def __init__(self, lim: "RedisLimiter", checks: tuple[Check, ...]):
+        keys, args, fkeys, fargs = [], [], [], []
+        for c in checks:
+            p, r, t, b = lim._names(c.scope)
+            keys += (p, r, t, b)
+            args += (-1 if c.parallel is None else c.parallel, -1 if c.rpm is None else c.rpm,
+                     -1 if c.tpm is None else c.tpm, -1 if c.budget is None else c.budget,
+                     -1 if c.period_s is None else c.period_s)
+            fkeys += (p, t, b)
+            fargs += ("1" if c.parallel is not None else "0", "1" if c.tpm is not None else "0",
+                      -2 if c.budget is None else (-1 if c.period_s is None else c.period_s))
+        self.admit_head = pack_args("EVALSHA", sha1(ADMIT), len(keys), *keys)
+        self.admit_tail = pack_args(*args) if args else b""
+        self.admit_n = 3 + len(keys) + 6 + len(args)
+        self.finish_head = pack_args("EVALSHA", sha1(FINISH), len(fkeys), *fkeys)
+        self.finish_tail = pack_args(*fargs) if fargs else b""
+        self.finish_n = 3 + len(fkeys) + 6 + len(fargs)
+        self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
+
+    def admit(self, *head) -> bytes:
+        return b"*%d\r\n" % self.admit_n + self.admit_head + pack_args(*head) + self.admit_tail
+
+    def finish(self, *head) -> bytes:
+        return b"*%d\r\n" % self.finish_n + self.finish_head + pack_args(*head) + self.finish_tail
+
+
+class RedisAdmission:
+    __slots__ = ("lim", "checks", "rid", "sec", "est", "headers", "cmds")
+
+    def __init__(self, lim, checks, rid, sec, est, headers, cmds):
         self.lim = lim
         self.checks = checks
         self.rid = rid
         self.sec = sec
         self.est = est
         self.headers = headers
-        self.par_keys = par_keys
+        self.cmds = cmds
 
     def finish(self, call) -> None:
         self.lim._finish(self, call)
@@ -157,12 +191,26 @@ class RedisLimiter:
         self.held: dict[str, RedisAdmission] = {}    # this replica's in-flight leases
         self._renewer: asyncio.Task | None = None
         self._keys_cache: dict[str, tuple] = {}
+        self._cmds: dict[tuple, Commands] = {}
         self._last_err = 0.0
+
+    async def _load_scripts(self) -> None:
+        for s in (ADMIT, FINISH, SEED):
+            await self.redis.call("SCRIPT", "LOAD", s)
+
+    async def _run(self, packed: bytes):
+        """A scripted call; scripts are loaded again if Redis lost them (a restart)."""
+        try:
+            return await self.redis.call_packed(packed)
+        except RedisError as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+            await self._load_scripts()
+            return await self.redis.call_packed(packed)
 
     async def start(self) -> None:
         try:
-            for s in (ADMIT, FINISH, SEED):
-                await self.redis.call("SCRIPT", "LOAD", s)
+            await self._load_scripts()
         except RedisError as e:
             log.error("Redis unavailable at start-up (limits open until it is back): %s", e)
         self._renewer = asyncio.create_task(self._renew(), name="lease-renewer")
@@ -197,20 +245,18 @@ class RedisLimiter:
         checks = self.policy.checks(call.key, call.route)
         if not checks:
             return OPEN
-        keys: list[str] = []
-        args: list = []
-        for c in checks:
-            keys += self._names(c.scope)
-            args += (-1 if c.parallel is None else c.parallel, -1 if c.rpm is None else c.rpm,
-                     -1 if c.tpm is None else c.tpm, -1 if c.budget is None else c.budget,
-                     -1 if c.period_s is None else c.period_s)
+        cmds = self._cmds.get(checks)
+        if cmds is None:
+            if len(self._cmds) > 50_000:
+                self._cmds.clear()
+            cmds = self._cmds[checks] = Commands(self, checks)
         now = self.clock()
         sec = int(now)
         est = call.prompt_estimate
-        head = [now, sec, call.id, now + self.lease_s, est, len(checks)]
+        packed = cmds.admit(now, sec, call.id, now + self.lease_s, est, len(checks))
         try:
             for _ in range(3):
-                res = await self.redis.eval(ADMIT, keys, head + args)
+                res = await self._run(packed)
                 if res[0] == 2:                       # a budget scope Redis does not know yet
                     await self._seed(checks[res[1]], call.key)
                     continue
@@ -234,9 +280,8 @@ class RedisLimiter:
             elif tok_h is None or t[1] < tok_h[1]:
                 tok_h = t
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
-        par_keys = [self._names(c.scope)[0] for c in checks if c.parallel is not None]
-        adm = RedisAdmission(self, checks, call.id, sec, est, headers, par_keys)
-        if par_keys:
+        adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds)
+        if cmds.par_keys:
             self.held[call.id] = adm
         return adm
 
@@ -253,30 +298,24 @@ class RedisLimiter:
         await self.redis.eval(SEED, [self._names(c.scope)[3]], [repr(spend), repr(reset_at) if reset_at else "", ttl])
 
     def _finish(self, adm: RedisAdmission, call) -> None:
+        """Release, token correction and spend in one script, sent without waiting for the reply."""
         self.held.pop(adm.rid, None)
-        keys: list[str] = []
-        args: list = [adm.rid, adm.sec, tokens_used(call) - adm.est, call.cost, self.clock(), len(adm.checks)]
-        for c in adm.checks:
-            p, _, t, b = self._names(c.scope)
-            keys += (p, t, b)
-            args += ("1" if c.parallel is not None else "0", "1" if c.tpm is not None else "0",
-                     -2 if c.budget is None else (-1 if c.period_s is None else c.period_s))
-        fut = self.redis.eval_nowait(FINISH, keys, args)
-        if fut is None:
-            asyncio.ensure_future(self._finish_later(keys, args))
-        else:
-            fut.add_done_callback(lambda f, k=keys, a=args: self._finished(f, k, a))
-
-    def _finished(self, fut: asyncio.Future, keys, args) -> None:
-        if fut.cancelled():
-            return
-        e = fut.exception()
-        if e is not None:
-            asyncio.ensure_future(self._finish_later(keys, args))
-
-    async def _finish_later(self, keys, args) -> None:
+        packed = adm.cmds.finish(adm.rid, adm.sec, tokens_used(call) - adm.est, call.cost, self.clock(),
+                                 len(adm.checks))
         try:
-            await self.redis.eval(FINISH, keys, args)
+            fut = self.redis.send_packed(packed)
+        except RedisError:
+            asyncio.ensure_future(self._finish_later(packed))
+            return
+        fut.add_done_callback(lambda f: self._finished(f, packed))
+
+    def _finished(self, fut: asyncio.Future, packed: bytes) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            asyncio.ensure_future(self._finish_later(packed))
+
+    async def _finish_later(self, packed: bytes) -> None:
+        try:
+            await self._run(packed)
         except (RedisError, asyncio.TimeoutError) as e:
             self._error(e)
 
@@ -288,7 +327,7 @@ class RedisLimiter:
             expiry = self.clock() + self.lease_s
             try:
                 futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
-                        for rid, adm in list(self.held.items()) for k in adm.par_keys]
+                        for rid, adm in list(self.held.items()) for k in adm.cmds.par_keys]
                 for r in await asyncio.gather(*futs, return_exceptions=True):
                     if isinstance(r, Exception):
                         raise r

@@ -20,13 +20,19 @@ class RedisError(Exception):
     pass
 
 
-def _enc(args: tuple) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if type(a) is not bytes:
-            a = (a if type(a) is str else repr(a) if type(a) is float else str(a)).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
+def pack(*args) -> bytes:
+    """One command in RESP (hiredis's C encoder; floats keep full precision)."""
+    return hiredis.pack_command(args)
+
+
+def pack_args(*args) -> bytes:
+    """Arguments in RESP without the array header, to splice into a command built in parts."""
+    b = hiredis.pack_command(args)
+    return b[b.index(b"\n") + 1:]
+
+
+def sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
 
 
 class _Proto(asyncio.Protocol):
@@ -35,6 +41,18 @@ class _Proto(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self._out: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        """Commands written in one turn of the event loop leave in one send() call."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(data)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -69,6 +87,11 @@ class _Proto(asyncio.Protocol):
             self.transport.close()
 
 
+def _expire(fut: asyncio.Future, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(RedisError(f"Redis did not answer within {timeout:g} s"))
+
+
 class RespClient:
     def __init__(self, url: str, timeout: float = 2.0):
         u = urlsplit(url)
@@ -83,7 +106,6 @@ class RespClient:
         self.timeout = timeout
         self._proto: _Proto | None = None
         self._connecting: asyncio.Future | None = None
-        self._scripts: dict[str, str] = {}
 
     async def _connect(self) -> _Proto:
         loop = asyncio.get_running_loop()
@@ -97,7 +119,7 @@ class RespClient:
         for cmd in setup:
             f = loop.create_future()
             proto.waiting.append(f)
-            proto.transport.write(_enc(cmd))
+            proto.transport.write(hiredis.pack_command(cmd))
             await asyncio.wait_for(f, self.timeout)
         return proto
 
@@ -115,42 +137,40 @@ class RespClient:
             self._connecting = None
         return self._proto
 
-    def send(self, *args) -> asyncio.Future:
-        """Write a command now on a live connection; the future resolves with its reply."""
+    def send_packed(self, data: bytes) -> asyncio.Future:
+        """Write an encoded command now on a live connection; the future resolves with its reply."""
         p = self._proto
         if p is None or p.closed:
             raise RedisError("not connected")
         f = asyncio.get_running_loop().create_future()
         p.waiting.append(f)
-        p.transport.write(_enc(args))
+        p.write(data)
         return f
 
-    async def call(self, *args):
+    def send(self, *args) -> asyncio.Future:
+        return self.send_packed(hiredis.pack_command(args))
+
+    async def call_packed(self, data: bytes):
         p = self._proto
         if p is None or p.closed:
             await self._conn()
-        return await asyncio.wait_for(self.send(*args), self.timeout)
+        fut = self.send_packed(data)
+        timer = asyncio.get_running_loop().call_later(self.timeout, _expire, fut, self.timeout)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    async def call(self, *args):
+        return await self.call_packed(hiredis.pack_command(args))
 
     async def eval(self, script: str, keys: list, args: list):
-        sha = self._scripts.get(script)
-        if sha is None:
-            sha = self._scripts[script] = hashlib.sha1(script.encode()).hexdigest()
         try:
-            return await self.call("EVALSHA", sha, len(keys), *keys, *args)
+            return await self.call("EVALSHA", sha1(script), len(keys), *keys, *args)
         except RedisError as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
             return await self.call("EVAL", script, len(keys), *keys, *args)
-
-    def eval_nowait(self, script: str, keys: list, args: list) -> asyncio.Future | None:
-        """Fire a script whose reply we do not wait for (releases at the end of a request)."""
-        sha = self._scripts.get(script)
-        if sha is None:
-            sha = self._scripts[script] = hashlib.sha1(script.encode()).hexdigest()
-        try:
-            return self.send("EVALSHA", sha, len(keys), *keys, *args)
-        except RedisError:
-            return None
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
