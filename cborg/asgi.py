@@ -121,7 +121,47 @@ class Request:
 
 
 class ClientDisconnected(Exception):
-    """The client went away before the request body was read."""
+    """The client went away before its response was sent."""
+
+
+class CancelOnDisconnect:
+    """`with CancelOnDisconnect(req):` cancels the current task if the client disconnects meanwhile,
+    and raises ClientDisconnected in its place.
+
+    The watcher is armed only after `after` seconds, so a fast request pays for one timer and a slow
+    one (an LLM generating) stops its upstream work and frees its limits as soon as the client leaves.
+    """
+
+    __slots__ = ("req", "after", "task", "timer", "watch", "fired")
+
+    def __init__(self, req: "Request", after: float = 0.05):
+        self.req = req
+        self.after = after
+        self.watch: asyncio.Future | None = None
+        self.fired = False
+
+    def __enter__(self) -> "CancelOnDisconnect":
+        self.task = asyncio.current_task()
+        self.timer = asyncio.get_running_loop().call_later(self.after, self._arm)
+        return self
+
+    def _arm(self) -> None:
+        self.watch = asyncio.ensure_future(_wait_disconnect(self.req.receive))
+        self.watch.add_done_callback(self._gone)
+
+    def _gone(self, f: asyncio.Future) -> None:
+        if not f.cancelled() and f.exception() is None and self.task is not None:
+            self.fired = True
+            self.task.cancel()
+
+    def __exit__(self, et, ev, tb) -> None:
+        self.timer.cancel()
+        if self.watch is not None and not self.watch.done():
+            self.watch.remove_done_callback(self._gone)
+            self.watch.cancel()
+        if self.fired and et is asyncio.CancelledError:
+            self.task.uncancel()
+            raise ClientDisconnected() from None
 
 
 class Response:

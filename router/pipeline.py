@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import orjson
 
-from cborg.asgi import HTTPError, Request, Response, StreamResponse
+from cborg.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
 from .accounting import cost_of, estimate_tokens, format_cost
 from .auth import bearer_token
@@ -172,11 +172,15 @@ class Pipeline:
             raise
         gw.metrics.in_flight.inc()
         try:
-            return await self._call_upstream(call, body, raw)
+            with CancelOnDisconnect(req):
+                return await self._call_upstream(call, body, raw)
         except BaseException as e:
             if isinstance(e, HTTPError):
                 call.status = e.status
                 call.error = e.message
+            elif isinstance(e, ClientDisconnected):
+                call.status = 499          # nginx's "client closed request"
+                call.error = "client disconnected before the response"
             else:
                 call.status = 500
             if not call.done:

@@ -218,3 +218,22 @@ def test_ledger_equals_costs_returned(tmp_path, fresh_mock, pg_url):
         assert {x["stream"] for x in rows} == {True, False}
         info = httpx.get(gw.url + "/key/info", headers={"Authorization": f"Bearer {key}"}).json()["info"]
         assert info["spend"] == pytest.approx(seen, rel=1e-9)
+
+
+def test_client_gone_frees_parallel_slot_and_cancels_upstream(tmp_path, fresh_mock):
+    """A non-streaming request whose client gives up stops at once: its slot is free for the next one."""
+    fresh_mock.delay = 3.0
+    with running_gateway(tmp_path, fresh_mock) as gw:
+        key = gw.new_key("gone@lbl.gov", max_parallel_requests=1)
+        h = {"Authorization": f"Bearer {key}"}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(gw.url + "/v1/chat/completions", headers=h, json=CHAT, timeout=0.5)
+        time.sleep(0.3)
+        fresh_mock.delay = 0.0
+        t = time.time()
+        r = httpx.post(gw.url + "/v1/chat/completions", headers=h, json=CHAT, timeout=10)
+        assert r.status_code == 200, r.text
+        assert time.time() - t < 1.0
+        time.sleep(0.8)
+        rows = gw.run(gw.gw.store.ledger_rows())
+        assert sorted(x["status"] for x in rows) == [200, 499]
