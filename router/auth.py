@@ -15,6 +15,7 @@ import secrets
 import time
 
 from cborg.asgi import HTTPError
+from cborg.tasks import stop_task
 
 from .store.base import KeyRecord, Store
 
@@ -68,12 +69,7 @@ class KeyCache:
         self._task = asyncio.create_task(self._poll(), name="key-cache-refresh")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
 
     async def refresh(self) -> None:
         # Overlap the window by a few seconds: replicas' clocks and commit order differ a little.

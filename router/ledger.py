@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from cborg.tasks import stop_task
+
 log = logging.getLogger("cborg.ledger")
 
 LEDGER_COLUMNS = ("request_id", "ts", "key_id", "user_id", "model", "served_model", "provider", "prompt_tokens",
@@ -82,12 +84,7 @@ class Ledger:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._task)
         for _ in range(5):   # everything queued goes out before the store closes
             await self.flush()
             if not self._rows:

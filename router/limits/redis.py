@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Callable
 
+from cborg.tasks import stop_task
+
 from . import OPEN, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
@@ -216,12 +218,7 @@ class RedisLimiter:
         self._renewer = asyncio.create_task(self._renew(), name="lease-renewer")
 
     async def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except asyncio.CancelledError:
-                pass
+        await stop_task(self._renewer)
         await self.redis.close()
 
     def _names(self, scope: str) -> tuple:
