@@ -221,6 +221,9 @@ def _tools(body: dict, out: dict) -> None:
         cfg["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
     elif choice == "auto":
         cfg["toolChoice"] = {"auto": {}}
+    elif choice not in (None, "none"):
+        raise _bad("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+                   "{'name': ...}}.", "tool_choice")
     # "none": Converse has no such choice; the tools stay declared (earlier tool turns need them).
     out["toolConfig"] = cfg
 
