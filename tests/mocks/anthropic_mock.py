@@ -1,7 +1,7 @@
 """A mock of Anthropic's Messages API (POST /v1/messages) on loopback, faithful to its documented shapes.
 
-It checks what the real API checks for what the gateway relies on: the `x-api-key` and
-`anthropic-version` headers, required fields (`model`, `max_tokens`, `messages`), no unknown
+It checks what the real API checks for what the gateway relies on: the key (`x-api-key`, or
+`Authorization: Bearer` as the newer SDKs send it), the `anthropic-version` header, required fields (`model`, `max_tokens`, `messages`), no unknown
 top-level fields, roles (no "system" role in messages), non-empty text blocks, image sources
 (base64 data that matches its media type, or url), tool_result blocks answering the tool_use
 blocks of the previous assistant turn, at most 4 `cache_control` breakpoints, and the current
@@ -282,6 +282,9 @@ class MockAnthropic:
         rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
         self.requests.append(rec)
         key = request.headers.get("x-api-key")
+        auth = request.headers.get("Authorization", "")
+        if not key and auth.startswith("Bearer "):   # newer SDKs send the key this way; the API takes both
+            key = auth[7:]
         if not key:
             return anthropic_error(401, "authentication_error", "x-api-key header is required")
         if key != self.api_key:

@@ -47,7 +47,7 @@ def test_catalog_has_every_provider():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_plain_call(client, fresh, name):
+def test_plain_call(client, fresh, ckey, name):
     raw = client.chat.completions.with_raw_response.create(
         model=name, messages=[{"role": "system", "content": "Be brief."},
                               {"role": "user", "content": "What is the capital of France?"}])
@@ -67,6 +67,17 @@ def test_plain_call(client, fresh, name):
     assert cost > 0
     req = sent(fresh, name)
     assert UNDERLYING[name] in json.dumps(req.get("json")) + req["path"] + req.get("raw_path", "")
+    h = {k.lower(): v for k, v in req["headers"].items()}
+    mock = fresh.by_provider(PROVIDER[name])
+    if PROVIDER[name] == "anthropic":
+        assert h["x-api-key"] == mock.api_key and h["anthropic-version"] == "2023-06-01"
+    elif PROVIDER[name] == "google":
+        assert h["x-goog-api-key"] == mock.api_key
+    elif PROVIDER[name] == "aws":
+        assert h["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={mock.access_key}/")
+    else:
+        assert h["authorization"] == f"Bearer {mock.api_key}"
+    assert not any(ckey in v for v in h.values())       # the researcher's key never reaches a provider
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,0 +1,135 @@
+"""The mocks themselves: the official SDKs talk to them, and they refuse what the real APIs refuse.
+
+If a mock drifted from the provider's API, the gateway tests against it would prove little; here
+the anthropic SDK and botocore's own bedrock-runtime client (request signing, event-stream
+parsing) are pointed at the mocks.
+"""
+from __future__ import annotations
+
+import anthropic
+import botocore.session
+import httpx
+import pytest
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+PIRATE = "Always talk like a pirate. " * 200
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the SDK warns of claude-sonnet-4-5's retirement
+def test_anthropic_sdk_against_mock(fresh):
+    m = fresh.anthropic
+    c = anthropic.Anthropic(api_key=m.api_key, base_url=m.url, max_retries=0)
+    system = [{"type": "text", "text": PIRATE, "cache_control": {"type": "ephemeral"}}]
+    r1 = c.messages.create(model="claude-sonnet-4-5", max_tokens=100, system=system,
+                           messages=[{"role": "user", "content": "Hello"}])
+    r2 = c.messages.create(model="claude-sonnet-4-5", max_tokens=100, system=system,
+                           messages=[{"role": "user", "content": "Hello again"}])
+    assert r1.content[0].text == "echo: Hello" and r1.stop_reason == "end_turn"
+    assert r1.usage.cache_creation_input_tokens > 1000 and r1.usage.cache_read_input_tokens == 0
+    assert r2.usage.cache_read_input_tokens == r1.usage.cache_creation_input_tokens
+    tools = [{"name": "get_weather", "description": "w", "input_schema": {"type": "object", "properties": {}}}]
+    with c.messages.stream(model="claude-haiku-4-5", max_tokens=100, tools=tools,
+                           messages=[{"role": "user", "content": "weather?"}]) as s:
+        final = s.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert final.content[0].type == "tool_use" and final.content[0].input == {"location": "Berkeley, CA", "unit": "c"}
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(api_key="sk-ant-wrong", base_url=m.url, max_retries=0).messages.create(
+            model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+
+
+def _bedrock_client(m, secret=None, region=None):
+    return botocore.session.get_session().create_client(
+        "bedrock-runtime", region_name=region or m.region, endpoint_url=m.url, aws_access_key_id=m.access_key,
+        aws_secret_access_key=secret or m.secret_key, config=Config(retries={"max_attempts": 1}))
+
+
+def test_botocore_client_against_bedrock_mock(fresh):
+    m = fresh.bedrock
+    c = _bedrock_client(m)
+    r = c.converse(modelId="meta.llama3-1-8b-instruct-v1:0", messages=[{"role": "user", "content": [{"text": "hi"}]}],
+                   inferenceConfig={"maxTokens": 20})
+    assert r["output"]["message"]["content"][0]["text"] == "echo: hi" and r["stopReason"] == "end_turn"
+    assert m.requests[-1]["raw_path"] == "/model/meta.llama3-1-8b-instruct-v1%3A0/converse"
+    s = c.converse_stream(modelId="cohere.command-r-v1:0", messages=[{"role": "user", "content": [{"text": "a b c"}]}])
+    events = list(s["stream"])
+    text = "".join(e["contentBlockDelta"]["delta"]["text"] for e in events if "contentBlockDelta" in e)
+    assert text == "echo: a b c"
+    assert events[-1]["metadata"]["usage"]["outputTokens"] > 0
+    for bad, code in ((_bedrock_client(m, secret="wrong-secret-key-000000000"), "InvalidSignatureException"),
+                      (_bedrock_client(m, region="us-east-1"), "InvalidSignatureException")):
+        with pytest.raises(ClientError) as e:
+            bad.converse(modelId="cohere.command-r-v1:0", messages=[{"role": "user", "content": [{"text": "x"}]}])
+        assert e.value.response["Error"]["Code"] == code
+    with pytest.raises(ClientError) as e:
+        c.converse_stream(modelId="meta.llama3-1-8b-instruct-v1:0",
+                          messages=[{"role": "user", "content": [{"text": "x"}]}],
+                          toolConfig={"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]})
+    assert "tool use in streaming mode" in str(e.value)
+
+
+def _post(url, body, headers):
+    return httpx.post(url, json=body, headers=headers, timeout=10)
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x"}]}, "max_tokens: Field required"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
+     'Unexpected role "system"'),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "temperature": 0.5, "top_p": 0.5,
+      "messages": [{"role": "user", "content": "x"}]}, "cannot both be specified"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "seed": 1, "messages": [{"role": "user", "content": "x"}]},
+     "seed: Extra inputs are not permitted"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_x", "content": "r"}]}]}, "unexpected `tool_use_id`"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": ""}]}]}, "text content blocks must be non-empty"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "/9j/4AAQ"}}]}]},
+     "does not match the provided media type"),
+])
+def test_anthropic_mock_refuses(fresh, body, words):
+    m = fresh.anthropic
+    r = _post(m.url + "/v1/messages", body, {"x-api-key": m.api_key, "anthropic-version": "2023-06-01"})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    r = _post(m.url + "/v1/messages", {"model": "claude-sonnet-4-5", "max_tokens": 5,
+                                       "messages": [{"role": "user", "content": "x"}]}, {"x-api-key": m.api_key})
+    assert r.status_code == 400 and "anthropic-version" in r.text
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"contents": [{"role": "user", "parts": [{"text": "x"}]}], "temperature": 1}, 'Unknown name "temperature"'),
+    ({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}, "valid role"),
+    ({"contents": [{"role": "user", "parts": [{"text": "x"}]}], "tools": [{"functionDeclarations": [
+        {"name": "f", "parameters": {"type": "object", "additionalProperties": False}}]}]},
+     'Unknown name "additionalProperties"'),
+    ({"contents": [{"role": "user", "parts": [{"text": "x"}]},
+                   {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+                   {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}},
+                                              {"functionResponse": {"name": "f", "response": {}}}]}]},
+     "number of function response parts"),
+    ({}, "contents is not specified"),
+])
+def test_gemini_mock_refuses(fresh, body, words):
+    m = fresh.gemini
+    r = _post(m.url + "/v1beta/models/gemini-2.5-flash:generateContent", body, {"x-goog-api-key": m.api_key})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    r = _post(m.url + "/v1beta/models/gemini-2.5-flash:generateContent", body, {"x-goog-api-key": "AIzaWrong"})
+    assert r.status_code == 400 and "API key not valid" in r.text
+
+
+@pytest.mark.parametrize("kw,words", [
+    ({"messages": [{"role": "assistant", "content": [{"text": "x"}]}]}, "must start with a user message"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}, {"role": "user", "content": [{"text": "y"}]}]},
+     "must alternate"),
+    ({"messages": [{"role": "user", "content": [{"text": " "}]}]}, "is blank"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}, {"cachePoint": {"type": "default"}}]}]},
+     "prompt caching"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}], "temperature": 0.3}, "Unknown parameter"),
+])
+def test_bedrock_mock_refuses(fresh, kw, words):
+    c = _bedrock_client(fresh.bedrock)
+    with pytest.raises(Exception) as e:
+        c.converse(modelId="meta.llama3-1-8b-instruct-v1:0", **kw)
+    assert words in str(e.value)
