@@ -8,7 +8,7 @@ Pure translations, no I/O (the pipeline does that):
   sources); tools, tool choice, tool calls and tool results map to `tools`, `tool_choice`,
   `tool_use` and `tool_result` blocks; `stop` -> `stop_sequences`; a default `max_tokens` (the
   model's limit) when the caller gives none. OpenAI-only parameters the Messages API would
-  reject (seed, penalties, logprobs...) are dropped; `n` > 1 is refused.
+  reject (seed, penalties, logprobs...) are dropped; `n` > 1 and JSON `response_format` are refused.
 - `to_chat_completion`: a Message -> an OpenAI chat completion.
 - `AnthropicStream`: Messages stream events -> OpenAI chunks, tool-call arguments in order.
 Usage follows the OpenAI convention the accounting uses: `prompt_tokens` = input + cache read +
@@ -33,11 +33,6 @@ DEFAULT_VERSION = "2023-06-01"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
           "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
 
-# OpenAI parameters with no Messages API counterpart; the API rejects unknown fields, so they go.
-_DROPPED = frozenset(("seed", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
-                      "service_tier", "store", "prediction", "modalities", "audio", "stream_options",
-                      "parallel_tool_calls", "functions", "function_call", "response_format", "n",
-                      "reasoning_effort", "metadata", "user", "web_search_options", "verbosity"))
 # Extended-thinking budgets for OpenAI's reasoning_effort.
 _THINKING = {"low": 1024, "medium": 2048, "high": 4096}
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
@@ -243,11 +238,20 @@ def _tools(body: dict, out: dict) -> None:
         out["tool_choice"] = tc
 
 
+def _no_json_mode(route: Route, body: dict) -> None:
+    """JSON modes have no Messages API counterpart here: refused rather than silently ignored."""
+    rf = body.get("response_format")
+    if type(rf) is dict and rf.get("type") not in (None, "text"):
+        raise _bad(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
+                   "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
+
+
 def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
     """An OpenAI chat request (already validated by the pipeline) -> a Messages API request."""
     n = body.get("n")
     if n not in (None, 1):
         raise _bad(f"n={n} is not supported for '{route.name}': Anthropic models return one choice.", "n")
+    _no_json_mode(route, body)
     out: dict = {"model": route.model.model}
     _messages(body["messages"], out)
     mt = body.get("max_completion_tokens") or body.get("max_tokens") or route.model.max_output_tokens

@@ -231,6 +231,10 @@ def _tools(body: dict, out: dict) -> None:
 def to_converse_body(route: Route, body: dict) -> dict:
     if body.get("n") not in (None, 1):
         raise _bad(f"n={body['n']} is not supported for '{route.name}': Bedrock models return one choice.", "n")
+    rf = body.get("response_format")
+    if type(rf) is dict and rf.get("type") not in (None, "text"):
+        raise _bad(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
+                   "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
     out: dict = {}
     _messages(body["messages"], out, route.model.supports_prompt_caching)
     cfg: dict = {}
