@@ -25,7 +25,7 @@ from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, UpstreamRequest, error_text
+from .base import Endpoint, UpstreamRequest, error_event, error_text
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -426,22 +426,28 @@ class AnthropicStream:
         elif t == "error":
             err = ev.get("error") or {}
             self.error = f"{err.get('type', 'error')}: {err.get('message', '')}"
-            out.append(b"data: " + orjson.dumps({"error": {
-                "message": f"Anthropic stream error ({err.get('type', 'error')}): {err.get('message', '')}",
-                "type": "upstream_error", "param": None, "code": err.get("type")}}) + b"\n\n")
+            out.append(error_event(f"Anthropic stream error ({err.get('type', 'error')}): {err.get('message', '')}",
+                                   err.get("type")))
         # ping, content_block_stop, message_stop: nothing to say
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def _events(self, raws: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
-        for raw in self._sse.feed(data):
-            self._event(raw, out)
+        for raw in raws:
+            if self.error:
+                break   # after an error event nothing more is relayed
+            try:
+                self._event(raw, out)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self.error = f"unreadable stream event: {e}"
+                out.append(error_event(f"The Anthropic stream sent an event that could not be read: {e}",
+                                       "bad_upstream_response"))
         return out
 
+    def feed(self, data: bytes) -> list[bytes]:
+        return self._events(self._sse.feed(data))
+
     def close(self) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in self._sse.flush():
-            self._event(raw, out)
-        return out
+        return self._events(self._sse.flush())
 
 
 def stream(route: Route, op: str) -> AnthropicStream:

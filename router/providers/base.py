@@ -62,6 +62,12 @@ class StreamError(Exception):
         self.type = type
 
 
+def error_event(message: str, code: str | None = None) -> bytes:
+    """An OpenAI-shaped error inside a stream that has begun (what the openai SDK raises on)."""
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None,
+                                               "code": code}}) + b"\n\n"
+
+
 def normalize_usage(usage: dict | None) -> dict:
     """OpenAI usage with the fields clients index without checking always present.
 

@@ -24,12 +24,12 @@ import orjson
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from botocore.eventstream import EventStreamBuffer
+from botocore.eventstream import EventStreamBuffer, ParserError
 
 from cborg.asgi import HTTPError
 
 from ..catalog import Route
-from .base import Endpoint, UpstreamRequest, error_text
+from .base import Endpoint, UpstreamRequest, error_event, error_text
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -352,9 +352,7 @@ class ConverseStreamTranslator:
 
     def _fail(self, kind: str, message: str, out: list[bytes]) -> None:
         self.error = f"{kind}: {message}"
-        out.append(b"data: " + orjson.dumps({"error": {"message": f"Bedrock stream error ({kind}): {message}",
-                                                       "type": "upstream_error", "param": None, "code": kind}})
-                   + b"\n\n")
+        out.append(error_event(f"Bedrock stream error ({kind}): {message}", kind))
 
     def _event(self, kind: str, ev: dict, out: list[bytes]) -> None:
         if kind == "contentBlockDelta":
@@ -388,13 +386,22 @@ class ConverseStreamTranslator:
 
     def feed(self, data: bytes) -> list[bytes]:
         out: list[bytes] = []
+        if self.error:
+            return out   # after an error nothing more is relayed
+        try:
+            self._feed(data, out)
+        except (ParserError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._fail("bad_upstream_response", f"the event stream could not be read: {e!r}", out)
+        return out
+
+    def _feed(self, data: bytes, out: list[bytes]) -> None:
         if self._json is not None:
             self._json.append(data)
-            return out
+            return
         if self._buf is None:
             if data[:1] == b"{":
                 self._json = [data]
-                return out
+                return
             self._buf = EventStreamBuffer()
         self._buf.add_data(data)
         for msg in self._buf:
@@ -409,12 +416,16 @@ class ConverseStreamTranslator:
                 except (orjson.JSONDecodeError, AttributeError):
                     message = msg.payload.decode("utf-8", "replace")
                 self._fail(kind, message or h.get(":error-message", ""), out)
-        return out
 
     def close(self) -> list[bytes]:
-        if self._json is None:
+        if self._json is None or self.error:
             return []
-        obj = to_chat_completion(orjson.loads(b"".join(self._json)), self._model)
+        try:
+            obj = to_chat_completion(orjson.loads(b"".join(self._json)), self._model)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            out: list[bytes] = []
+            self._fail("bad_upstream_response", f"the Converse answer could not be read: {e}", out)
+            return out
         self._json = None
         msg = obj["choices"][0]["message"]
         out = [self._chunk(b'{"role":"assistant","content":""}')]

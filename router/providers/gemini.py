@@ -25,7 +25,7 @@ from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, UpstreamRequest, error_text
+from .base import Endpoint, UpstreamRequest, error_event, error_text
 
 API = "/v1beta"
 
@@ -334,10 +334,7 @@ class GeminiStream:
         if err:
             msg = err.get("message") if type(err) is dict else str(err)
             self.error = msg
-            out.append(b"data: " + orjson.dumps({"error": {"message": f"Gemini stream error: {msg}",
-                                                           "type": "upstream_error", "param": None,
-                                                           "code": (err.get("status") if type(err) is dict else None)}})
-                       + b"\n\n")
+            out.append(error_event(f"Gemini stream error: {msg}", err.get("status") if type(err) is dict else None))
             return
         if self.template is None:
             self.template = {"id": obj.get("responseId") or "chatcmpl-" + os.urandom(12).hex(),
@@ -369,17 +366,24 @@ class GeminiStream:
             if fin:
                 out.append(self._chunk(i, {}, fin))
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def _events(self, raws: list[bytes]) -> list[bytes]:
         out: list[bytes] = []
-        for raw in self._sse.feed(data):
-            self._event(raw, out)
+        for raw in raws:
+            if self.error:
+                break   # after an error event nothing more is relayed
+            try:
+                self._event(raw, out)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self.error = f"unreadable stream event: {e}"
+                out.append(error_event(f"The Gemini stream sent an event that could not be read: {e}",
+                                       "bad_upstream_response"))
         return out
 
+    def feed(self, data: bytes) -> list[bytes]:
+        return self._events(self._sse.feed(data))
+
     def close(self) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in self._sse.flush():
-            self._event(raw, out)
-        return out
+        return self._events(self._sse.flush())
 
 
 def stream(route: Route, op: str) -> GeminiStream:

@@ -417,11 +417,27 @@ def test_bedrock_event_stream():
     tr = bedrock.stream(route("aws/command-r-v1"), "chat")
     out = chunks_of(tr.feed(frames[0] + eventstream.exception("throttlingException", b'{"message":"Slow down"}')))
     assert out[-1]["error"]["code"] == "throttlingException" and "Slow down" in out[-1]["error"]["message"]
-    # a corrupted frame fails loudly (botocore checks the CRC)
+    # a corrupted frame is reported in the stream (botocore checks the CRC), and nothing follows it
     bad = bytearray(frames[1])
     bad[-6] ^= 0xFF
-    with pytest.raises(Exception):
-        bedrock.stream(route("aws/command-r-v1"), "chat").feed(bytes(bad))
+    tr = bedrock.stream(route("aws/command-r-v1"), "chat")
+    out = chunks_of(tr.feed(frames[0] + bytes(bad)))
+    assert out[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert out[-1]["error"]["code"] == "bad_upstream_response" and "Checksum" in out[-1]["error"]["message"]
+    assert tr.error and tr.feed(frames[2]) == []
+
+
+@pytest.mark.parametrize("name,data", [
+    ("anthropic/claude-sonnet", _sse(ANTHROPIC_STREAM[:4]) + b"event: content_block_delta\ndata: {not json\n\n"),
+    ("google/gemini-flash", b'data: {"candidates": [{"content": {"parts": [{"text": "a"}]}, "index": 0}]}\r\n\r\n'
+                            b"data: [1, 2\r\n\r\n"),
+])
+def test_unreadable_stream_event_is_reported_in_stream(name, data):
+    ad = anthropic if name.startswith("anthropic") else gemini
+    tr = ad.stream(route(name), "chat")
+    out = chunks_of(feed_in_pieces(tr, data))
+    assert any(c.get("choices") for c in out)
+    assert out[-1]["error"]["code"] == "bad_upstream_response" and tr.error
 
 
 def test_bedrock_converse_answer_as_stream():

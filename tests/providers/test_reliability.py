@@ -108,6 +108,18 @@ def test_in_stream_error_event_is_openai_shaped(cgw, ckey, fresh):
     assert events[-1] == "[DONE]"
 
 
+def test_garbage_inside_a_stream_is_reported_in_stream(client, fresh):
+    start = {"type": "message_start", "message": {"id": "msg_x", "type": "message", "role": "assistant",
+             "model": "claude-sonnet-4-5", "content": [], "usage": {"input_tokens": 5, "output_tokens": 1}}}
+    fresh.anthropic.script.append(Scripted(200, ("event: message_start\ndata: " + json.dumps(start) + "\n\n"
+                                                 "event: content_block_delta\ndata: {oops\n\n").encode(),
+                                           headers={"Content-Type": "text/event-stream"}))
+    with pytest.raises(openai.APIError, match="could not be read"):
+        list(client.chat.completions.create(model="anthropic/claude-sonnet", stream=True,
+                                            messages=[{"role": "user", "content": "x"}]))
+    assert len(fresh.anthropic.requests) == 1
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_client_disconnect_cancels_upstream_and_accounts_partial_usage(cgw, ckey, fresh, monkeypatch, protocol):
     finished = []
