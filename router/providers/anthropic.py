@@ -6,8 +6,8 @@ Pure translations, no I/O (the pipeline does that):
   (on a message: its last block; on a content part: that block); consecutive same-role turns are
   merged; `image_url` parts become image blocks (data URLs as base64, http(s) URLs as url
   sources); tools, tool choice, tool calls and tool results map to `tools`, `tool_choice`,
-  `tool_use` and `tool_result` blocks; `stop` -> `stop_sequences`; a default `max_tokens` (the
-  model's limit) when the caller gives none. OpenAI-only parameters the Messages API would
+  `tool_use` and `tool_result` blocks; `stop` -> `stop_sequences`; a default `max_tokens` (4,096,
+  or the model's `params`) when the caller gives none. OpenAI-only parameters the Messages API would
   reject (seed, penalties, logprobs...) are dropped; `n` > 1 and JSON `response_format` are refused.
 - `to_chat_completion`: a Message -> an OpenAI chat completion.
 - `AnthropicStream`: Messages stream events -> OpenAI chunks, tool-call arguments in order.
@@ -29,6 +29,10 @@ from .base import Endpoint, UpstreamRequest, error_event, error_text
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
+
+# The Messages API requires max_tokens. LiteLLM's default (what CBorg users have had); a model's
+# `params: {max_tokens: N}` in models.yaml sets another.
+DEFAULT_MAX_TOKENS = 4096
 
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
           "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
@@ -254,7 +258,8 @@ def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
     _no_json_mode(route, body)
     out: dict = {"model": route.model.model}
     _messages(body["messages"], out)
-    mt = body.get("max_completion_tokens") or body.get("max_tokens") or route.model.max_output_tokens
+    mt = body.get("max_completion_tokens") or body.get("max_tokens") or min(DEFAULT_MAX_TOKENS,
+                                                                             route.model.max_output_tokens)
     out["max_tokens"] = mt
     temp = body.get("temperature")
     if temp is not None:

@@ -120,7 +120,7 @@ def test_anthropic_defaults_and_simple_shapes():
     out = anthropic.to_messages_body(route("anthropic/claude-opus"), {"messages": [
         {"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], "top_p": 0.3}, False)
     assert out == {"model": "claude-opus-4-1", "system": "S", "messages": [{"role": "user", "content": "Q"}],
-                   "max_tokens": 32000, "top_p": 0.3}
+                   "max_tokens": 4096, "top_p": 0.3}
     think = anthropic.to_messages_body(route("anthropic/claude-sonnet"), {
         "messages": [{"role": "user", "content": "Q"}], "reasoning_effort": "low", "temperature": 0.2,
         "max_tokens": 500}, False)
