@@ -47,6 +47,9 @@ class StreamTranslator(Protocol):
 
 
 class Adapter(Protocol):
+    """A provider module. It may also define `async def prepare(ep)`, which the pipeline awaits before
+    `build` (Bedrock resolves and refreshes AWS credentials there, off the event loop)."""
+
     def build(self, ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest: ...
     def parse(self, route: Route, op: str, data: bytes) -> dict: ...
     def stream(self, route: Route, op: str) -> StreamTranslator: ...
