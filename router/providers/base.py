@@ -90,7 +90,7 @@ def normalize_usage(usage: dict | None) -> dict:
     return u
 
 
-_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}|xai-[A-Za-z0-9]{8,})")
+_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|A[KS]IA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}|xai-[A-Za-z0-9]{8,})")
 
 
 def scrub(text: str, *secrets: str | None) -> str:

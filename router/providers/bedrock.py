@@ -321,7 +321,11 @@ def parse(route: Route, op: str, data: bytes) -> dict:
 
 
 def error_message(status: int, data: bytes) -> str:
-    return error_text(data)
+    """AWS's signature errors quote the canonical request, whose headers include the session
+    token: only the first sentence part goes on."""
+    text = error_text(data)
+    cut = text.find("The Canonical String")
+    return (text[:cut].rstrip() if cut >= 0 else text).split("x-amz-security-token")[0]
 
 
 # -- stream ---------------------------------------------------------------------------------

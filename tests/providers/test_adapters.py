@@ -459,3 +459,15 @@ def test_bedrock_converse_answer_as_stream():
 def test_usage_always_has_cached_tokens(usage):
     assert normalize_usage(usage)["prompt_tokens_details"]["cached_tokens"] >= 0
     assert "cached_tokens" in usage["prompt_tokens_details"]
+
+
+def test_bedrock_error_message_drops_quoted_canonical_request():
+    body = {"message": "The request signature we calculated does not match the signature you provided. Check your "
+                       "AWS Secret Access Key and signing method. Consult the service documentation for details.\n\n"
+                       "The Canonical String for this request should have been\n'POST\n/model/x/converse\n\n"
+                       "host:bedrock-runtime.us-west-2.amazonaws.com\nx-amz-date:20261126T000000Z\n"
+                       "x-amz-security-token:IQoJb3JpZ2luX2VjEXAMPLETOKEN\n'"}
+    msg = bedrock.error_message(403, orjson.dumps(body))
+    assert msg.startswith("The request signature we calculated does not match")
+    assert "IQoJb3JpZ2lu" not in msg and "Canonical" not in msg
+    assert bedrock.error_message(400, b'{"message":"Malformed input request"}') == "Malformed input request"
