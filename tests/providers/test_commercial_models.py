@@ -202,3 +202,15 @@ def test_gemini_implicit_cache_reported(client, fresh):
     assert r1.usage.prompt_tokens_details.cached_tokens == 0
     assert r2.usage.prompt_tokens_details.cached_tokens >= 1024
     assert r2.usage.prompt_tokens == r1.usage.prompt_tokens     # Gemini's prompt count includes the cached part
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("openai/o")])
+def test_openai_reasoning_models_take_common_parameters(client, fresh, name):
+    """max_tokens and temperature as researchers pass them; the OpenAI mock refuses them as the API does."""
+    r = client.chat.completions.create(model=name, max_tokens=50, temperature=0.2, reasoning_effort="low",
+                                       messages=[{"role": "system", "content": "Be brief.", "cache_control": {"type": "ephemeral"}},
+                                                 {"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "echo: hi"
+    body = fresh.openai.requests[-1]["json"]
+    assert body["max_completion_tokens"] == 50 and "max_tokens" not in body and "temperature" not in body
+    assert body["reasoning_effort"] == "low" and "cache_control" not in body["messages"][0]
