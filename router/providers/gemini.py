@@ -27,7 +27,7 @@ from ..catalog import Route
 from ..sse import SSESplitter, parse_event
 from .base import Endpoint, UpstreamRequest, error_event, error_text
 
-API = "/v1beta"
+API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
 FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "RECITATION": "content_filter",
           "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
@@ -234,7 +234,8 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
             h.append((k.lower().encode(), v.encode()))
         ep.extra["headers"] = h
     model = route.model.model
-    path = f"{API}/models/{model}:streamGenerateContent?alt=sse" if stream else f"{API}/models/{model}:generateContent"
+    api = f"/{ep.conf.api_version}" if ep.conf.api_version else API
+    path = f"{api}/models/{model}:streamGenerateContent?alt=sse" if stream else f"{api}/models/{model}:generateContent"
     return UpstreamRequest(path, h, orjson.dumps(to_gemini_body(route, body)))
 
 

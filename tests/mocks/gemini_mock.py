@@ -100,6 +100,7 @@ class MockGemini:
         self.cancelled_streams = 0
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1beta/models/{target}", self.handle)
+        self.app.router.add_post("/v1/models/{target}", self.handle)
         self.url = ""
 
     def reset(self) -> None:

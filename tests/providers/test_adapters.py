@@ -259,6 +259,10 @@ def test_gemini_build_paths_and_key_header():
     assert (b"x-goog-api-key", b"AIzaTEST") in req.headers
     req = gemini.build(ep, r, "chat", {"messages": [{"role": "user", "content": "x"}]}, stream=False)
     assert req.path == "/v1beta/models/gemini-2.5-flash:generateContent"
+    v1 = make_endpoint("google", CATALOG.providers["google"].model_copy(update={"api_version": "v1"}),
+                       env={"GEMINI_API_KEY": "AIzaTEST"})
+    assert gemini.build(v1, r, "chat", {"messages": [{"role": "user", "content": "x"}]}, False).path == \
+        "/v1/models/gemini-2.5-flash:generateContent"
 
 
 GEMINI_RESPONSE = {

@@ -1,8 +1,8 @@
 """The mocks themselves: the official SDKs talk to them, and they refuse what the real APIs refuse.
 
 If a mock drifted from the provider's API, the gateway tests against it would prove little; here
-the anthropic SDK and botocore's own bedrock-runtime client (request signing, event-stream
-parsing) are pointed at the mocks.
+the anthropic SDK, Google's google-genai SDK and botocore's own bedrock-runtime client (request
+signing, event-stream parsing) are pointed at the mocks.
 """
 from __future__ import annotations
 
@@ -37,6 +37,34 @@ def test_anthropic_sdk_against_mock(fresh):
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(api_key="sk-ant-wrong", base_url=m.url, max_retries=0).messages.create(
             model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+
+
+def test_google_genai_sdk_against_mock(fresh):
+    from google import genai
+    from google.genai import types
+    m = fresh.gemini
+    c = genai.Client(api_key=m.api_key, http_options=types.HttpOptions(base_url=m.url, api_version="v1beta"))
+    r = c.models.generate_content(model="gemini-2.5-flash", contents="hello there",
+                                  config=types.GenerateContentConfig(system_instruction="Be brief.", temperature=0.2))
+    assert r.text == "echo: hello there" and r.usage_metadata.thoughts_token_count == 7
+    assert m.requests[-1]["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert [x.text for x in c.models.generate_content_stream(model="gemini-2.5-flash", contents="a b")] == \
+        ["echo:", " a", " b"]
+    assert m.requests[-1]["query"] == {"alt": "sse"}
+    # the SDK sends parameters_json_schema (snake_case), as the gateway sends parametersJsonSchema
+    fn = types.FunctionDeclaration(name="get_weather", description="w", parameters_json_schema={
+        "type": "object", "properties": {"location": {"type": "string"}}, "additionalProperties": False})
+    r = c.models.generate_content(model="gemini-2.5-pro", contents="weather?",
+                                  config=types.GenerateContentConfig(tools=[types.Tool(function_declarations=[fn])]))
+    assert r.function_calls[0].name == "get_weather" and r.function_calls[0].args == {"location": "Berkeley, CA",
+                                                                                       "unit": "c"}
+    assert "parameters_json_schema" in m.requests[-1]["json"]["tools"][0]["functionDeclarations"][0]
+    big = "Background. " * 600
+    u = [c.models.generate_content(model="gemini-2.5-flash", contents=big).usage_metadata for _ in range(2)]
+    assert u[0].cached_content_token_count is None and u[1].cached_content_token_count >= 1024
+    wrong = genai.Client(api_key="AIzaWrong", http_options=types.HttpOptions(base_url=m.url, api_version="v1beta"))
+    with pytest.raises(genai.errors.ClientError, match="API key not valid"):
+        wrong.models.generate_content(model="gemini-2.5-flash", contents="x")
 
 
 def _bedrock_client(m, secret=None, region=None):
