@@ -237,6 +237,9 @@ class Pipeline:
                 continue
             try:
                 ad = adapter(route.provider.protocol)
+                prepare = getattr(ad, "prepare", None)
+                if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
+                    await prepare(ep)
                 ureq = ad.build(ep, route, call.op, body, call.stream)
                 resp = await self._send(ep, route, ureq)
             except HTTPError as e:

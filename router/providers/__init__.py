@@ -29,9 +29,16 @@ def make_endpoint(name: str, conf: ProviderConf, model: ModelConf | None = None,
     key_var = (model.api_key_env if model and model.api_key_env else None) or conf.api_key_env
     api_key = env.get(key_var) if key_var else None
     region = (env.get(conf.region_env) if conf.region_env else None) or conf.region
+    if conf.protocol == "bedrock":
+        region = region or env.get("AWS_DEFAULT_REGION")
     ep = Endpoint(provider=name, conf=conf, target=None, api_key=api_key or None, region=region)
-    if conf.protocol == "bedrock" and not base and region:
-        base = f"https://bedrock-runtime.{region}.amazonaws.com"
+    if conf.protocol == "bedrock":
+        # Credentials are resolved at first use (router/providers/bedrock.py: prepare), from these
+        # variables of the gateway's environment or botocore's default chain.
+        ep.extra["aws_env"] = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                   "AWS_SESSION_TOKEN", "AWS_PROFILE") if env.get(k)}
+        if not base and region:
+            base = f"https://bedrock-runtime.{region}.amazonaws.com"
     if not base:
         ep.missing = f"the provider '{name}' has no base URL: set {conf.base_url_env or 'base_url in models.yaml'}"
         return ep

@@ -47,6 +47,9 @@ class StreamTranslator(Protocol):
 
 
 class Adapter(Protocol):
+    """A provider module. It may also define `async def prepare(ep)`, which the pipeline awaits before
+    `build` (Bedrock resolves and refreshes AWS credentials there, off the event loop)."""
+
     def build(self, ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest: ...
     def parse(self, route: Route, op: str, data: bytes) -> dict: ...
     def stream(self, route: Route, op: str) -> StreamTranslator: ...
@@ -60,6 +63,12 @@ class StreamError(Exception):
         super().__init__(message)
         self.status = status
         self.type = type
+
+
+def error_event(message: str, code: str | None = None) -> bytes:
+    """An OpenAI-shaped error inside a stream that has begun (what the openai SDK raises on)."""
+    return b"data: " + orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None,
+                                               "code": code}}) + b"\n\n"
 
 
 def normalize_usage(usage: dict | None) -> dict:
@@ -81,7 +90,7 @@ def normalize_usage(usage: dict | None) -> dict:
     return u
 
 
-_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}|xai-[A-Za-z0-9]{8,})")
+_SECRETISH = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|A[KS]IA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}|xai-[A-Za-z0-9]{8,})")
 
 
 def scrub(text: str, *secrets: str | None) -> str:

@@ -1,0 +1,446 @@
+"""AWS Bedrock Converse / ConverseStream for `aws/*` models under the OpenAI chat schema.
+
+Pure translations (`to_converse_body`, `to_chat_completion`, `ConverseStreamTranslator`) plus
+what Bedrock needs around them, all from botocore rather than our own code:
+- SigV4 signing (`botocore.auth.SigV4Auth`), with credentials from the gateway environment's
+  `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, else botocore's default chain
+  (profile, SSO, container or instance role). The chain may do network I/O, so `prepare` resolves
+  and refreshes credentials in a thread, never on the event loop.
+- the binary event stream (`botocore.eventstream.EventStreamBuffer`, which checks the CRCs).
+`cache_control` becomes a `cachePoint` block after the marked content, for models that support
+prompt caching (others reject cachePoint). Usage: Bedrock's `inputTokens` excludes cache reads and
+writes, so `prompt_tokens` = input + cacheRead + cacheWrite, `cached_tokens` = cacheRead.
+Meta and Mistral models do not support tool use in ConverseStream: a streamed request with tools
+for them goes to Converse, and the translator turns the one answer into chunks.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from urllib.parse import quote
+
+import orjson
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from botocore.eventstream import EventStreamBuffer, ParserError
+
+from cborg.asgi import HTTPError
+
+from ..catalog import Route
+from .base import Endpoint, UpstreamRequest, error_event, error_text
+
+SERVICE = "bedrock"
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
+          "model_context_window_exceeded": "length", "guardrail_intervened": "content_filter",
+          "content_filtered": "content_filter"}
+_IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/gif": "gif",
+                  "image/webp": "webp"}
+# Model id prefixes whose Converse support has no tool use while streaming (AWS's model feature table).
+_NO_STREAM_TOOLS = ("meta.", "mistral.", "us.meta.", "eu.meta.", "us.mistral.", "eu.mistral.")
+_CACHE_POINT = {"cachePoint": {"type": "default"}}
+_MISSING = ("no AWS credentials on this gateway: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE, or run it with an IAM role")
+
+
+def _bad(msg: str, param: str | None = None) -> HTTPError:
+    return HTTPError(400, msg, param=param, code="invalid_request_error")
+
+
+# -- credentials ----------------------------------------------------------------------------
+def _resolve(ep: Endpoint):
+    """Static keys from the gateway's environment, else botocore's default chain (may block)."""
+    env = ep.extra.get("aws_env") or {}
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return Credentials(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], env.get("AWS_SESSION_TOKEN"))
+    import botocore.session
+    session = botocore.session.Session(profile=env.get("AWS_PROFILE") or None)
+    return session.get_credentials()
+
+
+async def prepare(ep: Endpoint) -> None:
+    """Make sure `ep` holds current credentials, resolving or refreshing them off the event loop."""
+    x = ep.extra
+    creds = x.get("aws_creds")
+    if creds is None:
+        if x.get("aws_none_until", 0) > time.monotonic():
+            raise _missing(ep)
+        creds = await asyncio.to_thread(_resolve, ep)
+        if creds is None:
+            x["aws_none_until"] = time.monotonic() + 30.0
+            raise _missing(ep)
+        x["aws_creds"] = creds
+    refresh = getattr(creds, "refresh_needed", None)   # RefreshableCredentials (roles, SSO, ...)
+    if refresh is not None and refresh():
+        x["aws_frozen"] = await asyncio.to_thread(creds.get_frozen_credentials)
+    else:
+        x["aws_frozen"] = creds.get_frozen_credentials()
+
+
+def _missing(ep: Endpoint) -> HTTPError:
+    return HTTPError(503, f"The provider '{ep.provider}' is not available: {_MISSING}.",
+                     code="provider_not_configured", type="service_unavailable",
+                     headers=[(b"x-should-retry", b"false")])
+
+
+def sign(ep: Endpoint, path: str, body: bytes, accept: str | None = None) -> list[tuple[bytes, bytes]]:
+    """SigV4 headers for one POST of `body` to `path` (already URI-encoded) on `ep`."""
+    creds = ep.extra.get("aws_frozen")
+    if creds is None:
+        raise _missing(ep)
+    headers = {"Content-Type": "application/json"}
+    if accept:
+        headers["Accept"] = accept
+    req = AWSRequest(method="POST", url=ep.target.url(path), data=body, headers=headers)
+    SigV4Auth(creds, SERVICE, ep.region or "us-east-1").add_auth(req)
+    return [(k.lower().encode(), v.encode() if type(v) is str else v) for k, v in req.headers.items()]
+
+
+# -- request --------------------------------------------------------------------------------
+def _text_block(text: str) -> dict:
+    return {"text": text}
+
+
+def _image_block(part: dict, param: str) -> dict:
+    iu = part.get("image_url")
+    url = iu.get("url") if type(iu) is dict else iu
+    if type(url) is not str or not url.startswith("data:"):
+        raise _bad(f"{param}: Bedrock models take images inline: send image_url.url as a data: URL "
+                   "(data:image/png;base64,...).", param)
+    head, sep, data = url.partition(",")
+    fmt = _IMAGE_FORMATS.get(head[5:].split(";")[0])
+    if not sep or not head.endswith(";base64") or fmt is None:
+        raise _bad(f"{param}: images must be base64 data URLs of type png, jpeg, gif or webp.", param)
+    return {"image": {"format": fmt, "source": {"bytes": data}}}
+
+
+def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
+    if type(content) is str:
+        return [{"text": content}] if content else []
+    if content is None:
+        return []
+    if type(content) is not list:
+        raise _bad(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
+    out = []
+    for j, part in enumerate(content):
+        p = f"{param}.content[{j}]"
+        t = part.get("type") if type(part) is dict else None
+        if t == "text":
+            if not part.get("text"):
+                continue
+            out.append({"text": part["text"]})
+        elif t == "image_url" and media:
+            out.append(_image_block(part, p))
+        else:
+            raise _bad(f"{p}: content part type {t!r} is not supported here.", p)
+        if cache and part.get("cache_control"):
+            out.append(_CACHE_POINT)
+    return out
+
+
+def _tool_use(call: dict, param: str) -> dict:
+    fn = call.get("function") if type(call) is dict else None
+    if type(fn) is not dict or not fn.get("name"):
+        raise _bad(f"{param}.function.name is required.", param)
+    raw = fn.get("arguments") or "{}"
+    try:
+        inp = orjson.loads(raw) if type(raw) is str else raw
+    except orjson.JSONDecodeError:
+        raise _bad(f"{param}.function.arguments is not valid JSON.", param) from None
+    return {"toolUse": {"toolUseId": call.get("id") or "tooluse_missing", "name": fn["name"], "input": inp}}
+
+
+def _tool_result(m: dict, param: str) -> dict:
+    tid = m.get("tool_call_id")
+    if not tid:
+        raise _bad(f"{param}.tool_call_id is required for role 'tool'.", f"{param}.tool_call_id")
+    content = m.get("content")
+    if type(content) is list:
+        content = "".join(x.get("text", "") for x in content if type(x) is dict)
+    return {"toolResult": {"toolUseId": tid, "content": [{"text": content or "(empty)"}]}}
+
+
+def _messages(msgs: list, out: dict, cache: bool) -> None:
+    system: list[dict] = []
+    turns: list[dict] = []
+    for i, m in enumerate(msgs):
+        role = m.get("role")
+        p = f"messages[{i}]"
+        mark = cache and bool(m.get("cache_control"))
+        if role == "user":
+            blocks = _blocks(m.get("content"), p, cache)
+        elif role == "assistant":
+            blocks = _blocks(m.get("content"), p, cache, media=False)
+            blocks += [_tool_use(c, f"{p}.tool_calls[{k}]") for k, c in enumerate(m.get("tool_calls") or ())]
+            if not blocks:
+                continue
+        elif role == "tool":
+            role = "user"
+            blocks = [_tool_result(m, p)]
+        elif role in ("system", "developer"):
+            system += _blocks(m.get("content"), p, cache, media=False)
+            if mark and system and system[-1] is not _CACHE_POINT:
+                system.append(_CACHE_POINT)
+            continue
+        else:
+            raise _bad(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
+        if mark and blocks and blocks[-1] is not _CACHE_POINT:
+            blocks.append(_CACHE_POINT)
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] += blocks
+        else:
+            turns.append({"role": role, "content": blocks})
+    if not turns or turns[0]["role"] != "user":
+        raise _bad("Bedrock conversations must start with a user message (after any system messages).",
+                   "messages")
+    if system:
+        out["system"] = system
+    out["messages"] = turns
+
+
+def _tools(body: dict, out: dict) -> None:
+    tools = body.get("tools")
+    if not tools:
+        return
+    specs = []
+    for k, t in enumerate(tools):
+        fn = t.get("function") if type(t) is dict else None
+        if type(fn) is not dict or not fn.get("name"):
+            raise _bad(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", f"tools[{k}]")
+        spec = {"name": fn["name"],
+                "inputSchema": {"json": fn.get("parameters") or {"type": "object", "properties": {}}}}
+        if fn.get("description"):
+            spec["description"] = fn["description"]
+        specs.append({"toolSpec": spec})
+    cfg: dict = {"tools": specs}
+    choice = body.get("tool_choice")
+    if choice == "required":
+        cfg["toolChoice"] = {"any": {}}
+    elif type(choice) is dict and type(choice.get("function")) is dict and choice["function"].get("name"):
+        cfg["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
+    elif choice == "auto":
+        cfg["toolChoice"] = {"auto": {}}
+    elif choice not in (None, "none"):
+        raise _bad("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+                   "{'name': ...}}.", "tool_choice")
+    # "none": Converse has no such choice; the tools stay declared (earlier tool turns need them).
+    out["toolConfig"] = cfg
+
+
+def to_converse_body(route: Route, body: dict) -> dict:
+    if body.get("n") not in (None, 1):
+        raise _bad(f"n={body['n']} is not supported for '{route.name}': Bedrock models return one choice.", "n")
+    rf = body.get("response_format")
+    if type(rf) is dict and rf.get("type") not in (None, "text"):
+        raise _bad(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
+                   "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
+    out: dict = {}
+    _messages(body["messages"], out, route.model.supports_prompt_caching)
+    cfg: dict = {}
+    mt = body.get("max_completion_tokens") or body.get("max_tokens")
+    if mt:
+        cfg["maxTokens"] = mt
+    if body.get("temperature") is not None:
+        cfg["temperature"] = body["temperature"]
+    if body.get("top_p") is not None:
+        cfg["topP"] = body["top_p"]
+    stop = body.get("stop")
+    if stop:
+        cfg["stopSequences"] = [stop] if type(stop) is str else list(stop)
+    if cfg:
+        out["inferenceConfig"] = cfg
+    _tools(body, out)
+    if body.get("top_k") is not None:
+        out["additionalModelRequestFields"] = {"top_k": body["top_k"]}
+    return out
+
+
+def streams_tools(model_id: str) -> bool:
+    return not model_id.startswith(_NO_STREAM_TOOLS)
+
+
+def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
+    if op != "chat":
+        raise _bad(f"'{route.name}' is a Bedrock model: it serves /chat/completions only.", "model")
+    conv = to_converse_body(route, body)
+    model = route.model.model
+    use_stream = stream and ("toolConfig" not in conv or streams_tools(model))
+    path = f"/model/{quote(model, safe='')}/{'converse-stream' if use_stream else 'converse'}"
+    data = orjson.dumps(conv)
+    headers = sign(ep, path, data, "application/vnd.amazon.eventstream" if use_stream else None)
+    return UpstreamRequest(path, headers, data)
+
+
+# -- response -------------------------------------------------------------------------------
+def usage_of(u: dict | None) -> dict:
+    u = u or {}
+    inp = u.get("inputTokens") or 0
+    read = u.get("cacheReadInputTokens") or 0
+    write = u.get("cacheWriteInputTokens") or 0
+    out = u.get("outputTokens") or 0
+    prompt = inp + read + write
+    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+            "prompt_tokens_details": {"cached_tokens": read},
+            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
+
+
+def _new_id() -> str:
+    return "chatcmpl-" + os.urandom(12).hex()
+
+
+def to_chat_completion(obj: dict, model: str) -> dict:
+    text: list[str] = []
+    thinking: list[str] = []
+    calls = []
+    for b in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
+        if "text" in b:
+            text.append(b["text"])
+        elif "toolUse" in b:
+            tu = b["toolUse"]
+            calls.append({"id": tu.get("toolUseId"), "type": "function",
+                          "function": {"name": tu.get("name"), "arguments": orjson.dumps(tu.get("input") or {}).decode()}})
+        elif "reasoningContent" in b:
+            thinking.append(((b["reasoningContent"] or {}).get("reasoningText") or {}).get("text", ""))
+    msg: dict = {"role": "assistant", "content": "".join(text) if text else None}
+    if calls:
+        msg["tool_calls"] = calls
+    if thinking:
+        msg["reasoning_content"] = "".join(thinking)
+    return {"id": _new_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": msg, "logprobs": None,
+                         "finish_reason": FINISH.get(obj.get("stopReason"), "stop")}],
+            "usage": usage_of(obj.get("usage"))}
+
+
+def parse(route: Route, op: str, data: bytes) -> dict:
+    obj = orjson.loads(data)
+    if type(obj) is not dict or "output" not in obj:
+        raise ValueError("upstream response is not a Converse response")
+    return to_chat_completion(obj, route.model.model)
+
+
+def error_message(status: int, data: bytes) -> str:
+    """AWS's signature errors quote the canonical request, whose headers include the session
+    token: only the first sentence part goes on."""
+    text = error_text(data)
+    cut = text.find("The Canonical String")
+    return (text[:cut].rstrip() if cut >= 0 else text).split("x-amz-security-token")[0]
+
+
+# -- stream ---------------------------------------------------------------------------------
+class ConverseStreamTranslator:
+    """ConverseStream events (binary event stream) -> OpenAI chat.completion.chunk events.
+
+    A Converse (non-stream) JSON answer is recognised by its first byte, `{` (an event-stream
+    message starts with its 4-byte length, far below 0x7b000000): it is read whole and sent as
+    chunks when it ends.
+    """
+
+    __slots__ = ("usage", "template", "error", "_buf", "_json", "_head", "_tools", "_model")
+
+    def __init__(self, model: str) -> None:
+        self.usage: dict | None = None
+        self.error: str | None = None
+        self._model = model
+        self.template = {"id": _new_id(), "object": "chat.completion.chunk", "created": int(time.time()),
+                         "model": model, "choices": []}
+        self._head = orjson.dumps({k: self.template[k] for k in ("id", "object", "created", "model")})[:-1] + b","
+        self._buf: EventStreamBuffer | None = None
+        self._json: list[bytes] | None = None
+        self._tools: dict[int, int] = {}
+
+    def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        return (b"data: " + self._head + b'"choices":[{"index":0,"delta":' + delta
+                + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n")
+
+    def _fail(self, kind: str, message: str, out: list[bytes]) -> None:
+        self.error = f"{kind}: {message}"
+        out.append(error_event(f"Bedrock stream error ({kind}): {message}", kind))
+
+    def _event(self, kind: str, ev: dict, out: list[bytes]) -> None:
+        if kind == "contentBlockDelta":
+            d = ev.get("delta") or {}
+            if "text" in d:
+                out.append(self._chunk(b'{"content":' + orjson.dumps(d["text"]) + b"}"))
+            elif "toolUse" in d:
+                k = self._tools.get(ev.get("contentBlockIndex"))
+                piece = d["toolUse"].get("input")
+                if k is not None and piece:
+                    out.append(self._chunk(b'{"tool_calls":[{"index":%d,"function":{"arguments":' % k
+                                           + orjson.dumps(piece) + b"}}]}"))
+            elif "reasoningContent" in d:
+                t = (d["reasoningContent"] or {}).get("text")
+                if t:
+                    out.append(self._chunk(b'{"reasoning_content":' + orjson.dumps(t) + b"}"))
+        elif kind == "messageStart":
+            out.append(self._chunk(b'{"role":"assistant","content":""}'))
+        elif kind == "contentBlockStart":
+            tu = (ev.get("start") or {}).get("toolUse")
+            if tu:
+                k = self._tools[ev.get("contentBlockIndex")] = len(self._tools)
+                head = {"index": k, "id": tu.get("toolUseId"), "type": "function",
+                        "function": {"name": tu.get("name"), "arguments": ""}}
+                out.append(self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}"))
+        elif kind == "messageStop":
+            fin = FINISH.get(ev.get("stopReason"), "stop")
+            out.append(self._chunk(b"{}", b'"' + fin.encode() + b'"'))
+        elif kind == "metadata":
+            self.usage = usage_of(ev.get("usage"))
+
+    def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        if self.error:
+            return out   # after an error nothing more is relayed
+        try:
+            self._feed(data, out)
+        except (ParserError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self._fail("bad_upstream_response", f"the event stream could not be read: {e!r}", out)
+        return out
+
+    def _feed(self, data: bytes, out: list[bytes]) -> None:
+        if self._json is not None:
+            self._json.append(data)
+            return
+        if self._buf is None:
+            if data[:1] == b"{":
+                self._json = [data]
+                return
+            self._buf = EventStreamBuffer()
+        self._buf.add_data(data)
+        for msg in self._buf:
+            h = msg.headers
+            mtype = h.get(":message-type")
+            if mtype == "event":
+                self._event(h.get(":event-type", ""), orjson.loads(msg.payload) if msg.payload else {}, out)
+            elif mtype == "exception" or mtype == "error":
+                kind = h.get(":exception-type") or h.get(":error-code") or "error"
+                try:
+                    message = orjson.loads(msg.payload).get("message", "")
+                except (orjson.JSONDecodeError, AttributeError):
+                    message = msg.payload.decode("utf-8", "replace")
+                self._fail(kind, message or h.get(":error-message", ""), out)
+
+    def close(self) -> list[bytes]:
+        if self._json is None or self.error:
+            return []
+        try:
+            obj = to_chat_completion(orjson.loads(b"".join(self._json)), self._model)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            out: list[bytes] = []
+            self._fail("bad_upstream_response", f"the Converse answer could not be read: {e}", out)
+            return out
+        self._json = None
+        msg = obj["choices"][0]["message"]
+        out = [self._chunk(b'{"role":"assistant","content":""}')]
+        if msg.get("content"):
+            out.append(self._chunk(b'{"content":' + orjson.dumps(msg["content"]) + b"}"))
+        for k, c in enumerate(msg.get("tool_calls") or ()):
+            out.append(self._chunk(b'{"tool_calls":[' + orjson.dumps({"index": k, **c}) + b"]}"))
+        out.append(self._chunk(b"{}", b'"' + obj["choices"][0]["finish_reason"].encode() + b'"'))
+        self.usage = obj["usage"]
+        return out
+
+
+def stream(route: Route, op: str) -> ConverseStreamTranslator:
+    return ConverseStreamTranslator(route.model.model)

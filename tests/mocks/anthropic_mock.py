@@ -1,0 +1,372 @@
+"""A mock of Anthropic's Messages API (POST /v1/messages) on loopback, faithful to its documented shapes.
+
+It checks what the real API checks for what the gateway relies on: the key (`x-api-key`, or
+`Authorization: Bearer` as the newer SDKs send it), the `anthropic-version` header, required fields (`model`, `max_tokens`, `messages`), no unknown
+top-level fields, roles (no "system" role in messages), non-empty text blocks, image sources
+(base64 data that matches its media type, or url), tool_result blocks answering the tool_use
+blocks of the previous assistant turn, at most 4 `cache_control` breakpoints, and the current
+models' refusal of `temperature` with `top_p`. Answers are documented Message objects and stream
+events (message_start, content_block_start/delta/stop with text_delta and input_json_delta,
+message_delta, message_stop, ping, error).
+
+Prompt caching as documented: the prefix up to a block marked with cache_control (order: tools,
+system, messages) is cached when it has at least the model's minimum of tokens (1,024; 4,096 for
+Haiku 4.5); a later request with the same prefix reads it (`cache_read_input_tokens`), the
+first one writes it (`cache_creation_input_tokens`), and `input_tokens` counts only the rest.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import math
+import re
+import time
+
+from aiohttp import web
+
+from tests.mocks.openai_mock import Scripted
+
+MODELS = {"claude-haiku-4-5": 4096, "claude-sonnet-4-5": 1024, "claude-opus-4-1": 1024}   # min cacheable tokens
+ONE_SAMPLER = {"claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"}
+_TOP = {"model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature",
+        "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers"}
+_MAGIC = {"image/png": b"\x89PNG", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8", "image/webp": b"RIFF"}
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+def tokens_of(text: str) -> int:
+    return max(1, math.ceil(len(text) / 4))
+
+
+class Invalid(Exception):
+    def __init__(self, message: str, status: int = 400, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+
+
+def anthropic_error(status: int, type_: str, message: str) -> web.Response:
+    return web.json_response({"type": "error", "error": {"type": type_, "message": message},
+                              "request_id": "req_mock"}, status=status)
+
+
+class MockAnthropic:
+    def __init__(self, api_key: str = "sk-ant-api03-mock-secret-0123456789"):
+        self.api_key = api_key
+        self.requests: list[dict] = []
+        self.script: list[Scripted] = []
+        self.chunk_delay = 0.0
+        self._cache: dict[str, int] = {}
+        self.active_streams = 0
+        self.cancelled_streams = 0
+        self.completed_streams = 0
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/v1/messages", self.handle)
+        self.url = ""
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.script.clear()
+        self.chunk_delay = 0.0
+        self._cache.clear()
+        self.cancelled_streams = 0
+        self.completed_streams = 0
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_block(self, b, where: str, role: str) -> None:
+        if not isinstance(b, dict) or "type" not in b:
+            raise Invalid(f"{where}: Input should be a valid dictionary or object to extract fields from")
+        t = b["type"]
+        if t == "text":
+            if not isinstance(b.get("text"), str):
+                raise Invalid(f"{where}.text: Field required")
+            if not b["text"]:
+                raise Invalid("messages: text content blocks must be non-empty")
+        elif t == "image":
+            if role != "user":
+                raise Invalid(f"{where}: image blocks are only allowed in user messages")
+            src = b.get("source") or {}
+            if src.get("type") == "base64":
+                mt = src.get("media_type")
+                if mt not in _MAGIC:
+                    raise Invalid(f"{where}.source.media_type: Input should be 'image/jpeg', 'image/png', "
+                                  "'image/gif' or 'image/webp'")
+                try:
+                    raw = base64.b64decode(src.get("data", ""), validate=True)
+                except ValueError:
+                    raise Invalid(f"{where}.source.base64: invalid base64 data") from None
+                if not raw.startswith(_MAGIC[mt]):
+                    raise Invalid(f"{where}.source.base64.data: Image does not match the provided media type {mt}")
+            elif src.get("type") == "url":
+                if not str(src.get("url", "")).startswith(("http://", "https://")):
+                    raise Invalid(f"{where}.source.url: invalid URL")
+            else:
+                raise Invalid(f"{where}.source: Input tag {src.get('type')!r} found using 'type' does not match "
+                              "any of the expected tags: 'base64', 'url'")
+        elif t == "document":
+            if (b.get("source") or {}).get("type") not in ("base64", "text", "url", "content"):
+                raise Invalid(f"{where}.source: invalid document source")
+        elif t == "tool_use":
+            if role != "assistant":
+                raise Invalid(f"{where}: tool_use blocks are only allowed in assistant messages")
+            if not b.get("id") or not b.get("name") or not isinstance(b.get("input"), dict):
+                raise Invalid(f"{where}: tool_use blocks need id, name and an object input")
+        elif t == "tool_result":
+            if role != "user":
+                raise Invalid(f"{where}: tool_result blocks are only allowed in user messages")
+            if not b.get("tool_use_id"):
+                raise Invalid(f"{where}.tool_use_id: Field required")
+        elif t in ("thinking", "redacted_thinking"):
+            pass
+        else:
+            raise Invalid(f"{where}: Input tag {t!r} found using 'type' does not match any of the expected tags")
+        cc = b.get("cache_control")
+        if cc is not None and (not isinstance(cc, dict) or cc.get("type") != "ephemeral"):
+            raise Invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
+
+    def _validate(self, body: dict) -> None:
+        extra = sorted(set(body) - _TOP)
+        if extra:
+            raise Invalid(f"{extra[0]}: Extra inputs are not permitted")
+        for f in ("model", "max_tokens", "messages"):
+            if f not in body:
+                raise Invalid(f"{f}: Field required")
+        if body["model"] not in MODELS:
+            raise Invalid(f"model: {body['model']}", 404, "not_found_error")
+        mt = body["max_tokens"]
+        if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+            raise Invalid("max_tokens: Input should be a valid integer greater than or equal to 1")
+        if body["model"] in ONE_SAMPLER and body.get("temperature") is not None and body.get("top_p") is not None:
+            raise Invalid("`temperature` and `top_p` cannot both be specified for this model. Please use only one.")
+        t = body.get("temperature")
+        if t is not None and not 0 <= t <= 1:
+            raise Invalid("temperature: range: 0..1")
+        msgs = body["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise Invalid("messages: at least one message is required")
+        sysv = body.get("system")
+        if sysv is not None and not isinstance(sysv, str):
+            if not isinstance(sysv, list):
+                raise Invalid("system: Input should be a valid string or list")
+            for j, b in enumerate(sysv):
+                if not isinstance(b, dict) or b.get("type") != "text":
+                    raise Invalid(f"system.{j}.type: Input should be 'text'")
+                self._check_block(b, f"system.{j}", "system")
+        prev_tool_ids: set[str] = set()
+        for i, m in enumerate(msgs):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role == "system":
+                raise Invalid('messages: Unexpected role "system". The Messages API accepts a top-level `system` '
+                              'parameter, not "system" as an input message role.')
+            if role not in ("user", "assistant"):
+                raise Invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+            c = m.get("content")
+            blocks = [{"type": "text", "text": c}] if isinstance(c, str) else c
+            if not isinstance(blocks, list):
+                raise Invalid(f"messages.{i}.content: Input should be a valid list")
+            if isinstance(c, str) and not c and not (role == "assistant" and i == len(msgs) - 1):
+                raise Invalid(f"messages.{i}: all messages must have non-empty content except for the optional "
+                              "final assistant message")
+            for j, b in enumerate(blocks if not isinstance(c, str) else []):
+                self._check_block(b, f"messages.{i}.content.{j}", role)
+            results = {b.get("tool_use_id") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"}
+            unknown = results - prev_tool_ids
+            if unknown:
+                raise Invalid(f"messages.{i}.content.0: unexpected `tool_use_id` found in `tool_result` blocks: "
+                              f"{sorted(unknown)[0]}. Each `tool_result` block must have a corresponding `tool_use` "
+                              "block in the previous message.")
+            if prev_tool_ids and not prev_tool_ids <= results:
+                raise Invalid(f"messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately "
+                              f"after: {sorted(prev_tool_ids - results)[0]}. Each `tool_use` block must have a "
+                              "corresponding `tool_result` block in the next message.")
+            prev_tool_ids = {b["id"] for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"}
+        tools = body.get("tools") or []
+        for k, tool in enumerate(tools):
+            if not _TOOL_NAME.match(str(tool.get("name", ""))):
+                raise Invalid(f"tools.{k}.custom.name: String should match pattern '^[a-zA-Z0-9_-]{{1,128}}$'")
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict) or schema.get("type") != "object":
+                raise Invalid(f"tools.{k}.custom.input_schema.type: Input should be 'object'")
+            extra = set(tool) - {"name", "description", "input_schema", "cache_control", "type"}
+            if extra:
+                raise Invalid(f"tools.{k}.custom.{sorted(extra)[0]}: Extra inputs are not permitted")
+        tc = body.get("tool_choice")
+        if tc is not None:
+            if tc.get("type") not in ("auto", "any", "tool", "none"):
+                raise Invalid("tool_choice.type: Input tag does not match any of the expected tags: 'auto', 'any', "
+                              "'tool', 'none'")
+            if tc["type"] == "tool" and not tc.get("name"):
+                raise Invalid("tool_choice.tool.name: Field required")
+        marks = sum(1 for b in self._flat(body) if isinstance(b, dict) and b.get("cache_control"))
+        if marks > 4:
+            raise Invalid(f"A maximum of 4 blocks with cache_control may be provided. Found {marks}.")
+
+    # -- caching ------------------------------------------------------------------------------
+    @staticmethod
+    def _flat(body: dict) -> list:
+        out: list = list(body.get("tools") or [])
+        s = body.get("system")
+        out += [{"type": "text", "text": s}] if isinstance(s, str) else list(s or [])
+        for m in body["messages"]:
+            c = m["content"]
+            out += [{"type": "text", "text": c}] if isinstance(c, str) else list(c)
+        return out
+
+    def _caching(self, body: dict) -> tuple[int, int, int]:
+        """(input_tokens, cache_read, cache_creation) of a request."""
+        blocks = self._flat(body)
+        texts = [json.dumps(b, sort_keys=True) if b.get("type") != "text" else b["text"] for b in blocks]
+        counts = [tokens_of(t) for t in texts]
+        total = sum(counts)
+        minimum = MODELS[body["model"]]
+        read = 0
+        write_to = 0
+        h = hashlib.sha256(body["model"].encode())
+        upto = 0
+        for i, (b, t) in enumerate(zip(blocks, texts)):
+            h.update(t.encode())
+            upto += counts[i]
+            if b.get("cache_control") and upto >= minimum:
+                key = h.hexdigest()
+                if key in self._cache:
+                    read = upto
+                else:
+                    write_to = upto
+                    self._cache[key] = upto
+        creation = max(0, write_to - read)
+        return total - read - creation, read, creation
+
+    # -- answers ------------------------------------------------------------------------------
+    @staticmethod
+    def _text(c) -> str:
+        if isinstance(c, str):
+            return c
+        parts = []
+        for b in c:
+            if b.get("type") == "text":
+                parts.append(b["text"])
+            elif b.get("type") == "image":
+                src = b["source"]
+                if src["type"] == "base64":
+                    parts.append(f"[image {src['media_type']} {len(base64.b64decode(src['data']))} bytes]")
+                else:
+                    parts.append(f"[image {src['url']}]")
+            elif b.get("type") == "tool_result":
+                rc = b.get("content", "")
+                parts.append(rc if isinstance(rc, str) else " ".join(x.get("text", "") for x in rc))
+        return " ".join(parts)
+
+    def _reply(self, body: dict) -> tuple[list[dict], str, str | None]:
+        last = body["messages"][-1]
+        c = last["content"]
+        is_result = isinstance(c, list) and any(b.get("type") == "tool_result" for b in c)
+        tc = body.get("tool_choice") or {"type": "auto"}
+        if body.get("tools") and tc["type"] != "none" and last["role"] == "user" and not is_result:
+            name = tc["name"] if tc["type"] == "tool" else body["tools"][0]["name"]
+            h = hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:20]
+            return [{"type": "tool_use", "id": "toolu_" + h, "name": name,
+                     "input": {"location": "Berkeley, CA", "unit": "c"}}], "tool_use", None
+        text = ("The tool said: " if is_result else "echo: ") + self._text(c)
+        for s in body.get("stop_sequences") or []:
+            if s in text:
+                return [{"type": "text", "text": text[: text.index(s)]}], "stop_sequence", s
+        words = text.split(" ")
+        if len(words) > body["max_tokens"]:
+            return [{"type": "text", "text": " ".join(words[: body["max_tokens"]])}], "max_tokens", None
+        return [{"type": "text", "text": text}], "end_turn", None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
+        self.requests.append(rec)
+        key = request.headers.get("x-api-key")
+        auth = request.headers.get("Authorization", "")
+        if not key and auth.startswith("Bearer "):   # newer SDKs send the key this way; the API takes both
+            key = auth[7:]
+        if not key:
+            return anthropic_error(401, "authentication_error", "x-api-key header is required")
+        if key != self.api_key:
+            return anthropic_error(401, "authentication_error", "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return anthropic_error(400, "invalid_request_error", "anthropic-version: header is required")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return anthropic_error(400, "invalid_request_error", "There was an error parsing the body of your request.")
+        rec["json"] = body
+        s = None
+        if self.script:
+            s = self.script.pop(0)
+            if s.delay:
+                await asyncio.sleep(s.delay)
+            if s.status != 200 or s.body is not None:
+                if isinstance(s.body, (dict, list)):
+                    return web.json_response(s.body, status=s.status, headers=s.headers)
+                return web.Response(body=s.body or b"", status=s.status, headers=s.headers)
+        try:
+            self._validate(body)
+        except Invalid as e:
+            return anthropic_error(e.status, e.type, str(e))
+        content, stop, stop_seq = self._reply(body)
+        inp, read, creation = self._caching(body)
+        out_tokens = max(1, sum(len(b.get("text", json.dumps(b.get("input"))).split()) for b in content))
+        msg_id = "msg_" + hashlib.md5(f"{time.time()}{len(self.requests)}".encode()).hexdigest()[:24]
+        usage = {"input_tokens": inp, "cache_creation_input_tokens": creation, "cache_read_input_tokens": read,
+                 "output_tokens": out_tokens, "service_tier": "standard"}
+        if not body.get("stream"):
+            return web.json_response({"id": msg_id, "type": "message", "role": "assistant", "model": body["model"],
+                                      "content": content, "stop_reason": stop, "stop_sequence": stop_seq,
+                                      "usage": usage})
+        return await self._stream(request, body, msg_id, content, stop, stop_seq, usage, s)
+
+    async def _stream(self, request, body, msg_id, content, stop, stop_seq, usage, s: Scripted | None):
+        events: list[tuple[str, dict]] = [("message_start", {"type": "message_start", "message": {
+            "id": msg_id, "type": "message", "role": "assistant", "model": body["model"], "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}}),
+            ("ping", {"type": "ping"})]
+        for i, b in enumerate(content):
+            if b["type"] == "text":
+                events.append(("content_block_start", {"type": "content_block_start", "index": i,
+                                                       "content_block": {"type": "text", "text": ""}}))
+                words = b["text"].split(" ")
+                for k, w in enumerate(words):
+                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                        "type": "text_delta", "text": w if k == 0 else " " + w}}))
+            else:
+                events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
+                    "type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}}))
+                args = json.dumps(b["input"])
+                events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
+                                                       "delta": {"type": "input_json_delta", "partial_json": ""}}))
+                for k in range(0, len(args), 6):
+                    events.append(("content_block_delta", {"type": "content_block_delta", "index": i, "delta": {
+                        "type": "input_json_delta", "partial_json": args[k:k + 6]}}))
+            events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+        events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop,
+                                                                             "stop_sequence": stop_seq},
+                                         "usage": {"output_tokens": usage["output_tokens"]}}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        self.active_streams += 1
+        try:
+            for i, (name, data) in enumerate(events):
+                if s is not None and s.cut_after is not None and i >= s.cut_after:
+                    request.transport.close()
+                    return resp
+                if s is not None and s.error_after is not None and i >= s.error_after:
+                    await resp.write(b"event: error\ndata: " + json.dumps({"type": "error", "error": {
+                        "type": "overloaded_error", "message": "Overloaded"}}).encode() + b"\n\n")
+                    return resp
+                await resp.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+            self.completed_streams += 1
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.cancelled_streams += 1
+            raise
+        finally:
+            self.active_streams -= 1
+        return resp
