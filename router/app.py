@@ -11,6 +11,7 @@ from .auth import KeyCache
 from .catalog import Catalog, Route, load_catalog
 from .config import Settings
 from .limits import NullLimiter
+from .nodes import NodeRegistry
 from .pipeline import Pipeline
 from .providers import make_endpoint
 from .providers.base import Endpoint
@@ -43,12 +44,19 @@ class Gateway:
         self.model_endpoints: dict[str, Endpoint] = {
             m.name: make_endpoint(m.provider, self.catalog.providers[m.provider], m, env=settings.env)
             for m in self.catalog.models.values() if m.base_url}
+        # Local models without a base_url are served by inference nodes (router/nodes.py).
+        self.nodes = NodeRegistry(self.catalog, self.pool, settings.profile, settings.nodes, settings.env,
+                                  settings.node_poll_s)
 
     async def start(self) -> None:
         await self.store.init()
         await self.keys.start()
+        if any(m.provider in self.catalog.providers and self.catalog.providers[m.provider].local
+               and m.name not in self.model_endpoints for m in self.catalog.models.values()):
+            await self.nodes.start()
 
     async def stop(self) -> None:
+        await self.nodes.stop()
         await self.keys.stop()
         await self.pool.close()
         await self.store.close()
@@ -59,8 +67,7 @@ class Gateway:
         ep = self.model_endpoints.get(route.model.name)
         if ep is None:
             if route.provider.local:
-                raise HTTPError(503, f"No inference node serves '{route.name}' right now.",
-                                code="model_not_served", type="service_unavailable", headers=[_NO_RETRY])
+                return self.nodes.pick(route)
             ep = self.endpoints[route.provider_name]
         if ep.missing:
             raise HTTPError(503, f"The model '{route.name}' is not available: {ep.missing}.",
@@ -78,7 +85,7 @@ class Gateway:
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
-    from .api import admin, health, info, openai
+    from .api import admin, health, info, models_admin, openai
 
     settings = settings or Settings.from_env()
     gw = Gateway(settings, catalog)
@@ -87,5 +94,6 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     openai.register(app, gw)
     info.register(app, gw)
     admin.register(app, gw)
+    models_admin.register(app, gw)
     health.register(app, gw)
     return app

@@ -22,6 +22,9 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     key_refresh_s: float = 2.0
     env: dict[str, str] | None = None   # where provider credentials and base URLs are read; None: os.environ
+    profile: str | None = None          # models.yaml profile whose inference nodes serve lbl/* (default_profile)
+    nodes: list[dict] | None = None     # overrides the profile's node list (cborg serve, tests)
+    node_poll_s: float = 2.0            # how often each node's status is read
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -34,6 +37,8 @@ class Settings:
             max_body_bytes=int(env.get("CBORG_MAX_BODY_BYTES") or 32 * 1024 * 1024),
             key_refresh_s=float(env.get("CBORG_KEY_REFRESH_S") or 2.0),
             env=None if env is os.environ else dict(env),
+            profile=env.get("CBORG_PROFILE") or None,
+            node_poll_s=float(env.get("CBORG_NODE_POLL_S") or 2.0),
         )
         for k, v in overrides.items():
             setattr(s, k, v)
