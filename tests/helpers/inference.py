@@ -131,12 +131,12 @@ class GatewayUnderTest:
 
 
 @contextlib.contextmanager
-def gateway_for(tmp: Path, config: Path, node_url: str, poll_s: float = 0.5):
+def gateway_for(tmp: Path, config: Path, node_url: str, poll_s: float = 0.5, token: str = NODE_TOKEN):
     from router.app import create_app
     from router.config import Settings
 
     settings = Settings(config_path=config, database_url=f"sqlite:///{tmp / 'gw.db'}", master_key=MASTER_KEY,
-                        env={}, profile="test", nodes=[{"name": "t", "url": node_url, "token": NODE_TOKEN}],
+                        env={}, profile="test", nodes=[{"name": "t", "url": node_url, "token": token}],
                         node_poll_s=poll_s)
     with ASGIServer(create_app(settings)) as srv:
         yield GatewayUnderTest(srv)
