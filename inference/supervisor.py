@@ -282,8 +282,39 @@ class EngineProcess:
                 break
             if await self._wait_exit(wait) is not None:
                 break
-        # helpers left in the group (vLLM workers) go too
+        # Helpers left in the group (vLLM's engine core) follow the leader, or are killed;
+        # return only once none is left, so that their memory is free.
+        pgid = proc.pid
+        for sig in (None, signal.SIGKILL):
+            if sig is not None and group_left(pgid):
+                try:
+                    os.killpg(pgid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            deadline = time.time() + 5
+            while group_left(pgid) and time.time() < deadline:
+                await asyncio.sleep(0.1)
+
+
+def group_left(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    left = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            os.killpg(pgid, 0)
+            return [pgid]
+        except OSError:
+            return []
+    for n in names:
+        if not n.isdigit():
+            continue
+        try:
+            with open(f"/proc/{n}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            left.append(int(n))
+    return left
