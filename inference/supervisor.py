@@ -37,7 +37,8 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def log_tail(path: Path, chars: int = 600) -> str:
+def log_tail(path: Path, chars: int = 4000) -> str:
+    """The last lines the engine wrote in its current run (after the node's start header)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, 2)
@@ -46,8 +47,19 @@ def log_tail(path: Path, chars: int = 600) -> str:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return ""
-    lines = [ln for ln in text.splitlines() if ln.strip()][-4:]
-    return " | ".join(ln.strip()[-200:] for ln in lines)
+    run = text.rsplit("\n=== ", 1)
+    body = run[1].split("\n", 1)[1] if len(run) == 2 and "\n" in run[1] else text
+    lines = [ln.strip() for ln in body.replace("\r", "\n").splitlines() if ln.strip()][-3:]
+    return " | ".join(ln[-200:] for ln in lines) or "(no output)"
+
+
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 class EngineProcess:
@@ -129,7 +141,7 @@ class EngineProcess:
                         return
                     if time.time() - started >= STABLE_S:
                         self.restarts = 0
-                    self.last_error = f"engine exited with code {code}: {log_tail(self.log_path)}"
+                    self.last_error = f"engine {exit_text(code)}; its last output: {log_tail(self.log_path)}"
                 if self._stopping:
                     return
                 self.restarts += 1
@@ -195,7 +207,7 @@ class EngineProcess:
             if self._stopping:
                 return False
             if self.proc.poll() is not None:
-                self.last_error = f"engine exited with code {self.proc.returncode} while starting: " \
+                self.last_error = f"engine {exit_text(self.proc.returncode)} while starting; its last output: " \
                                   f"{log_tail(self.log_path)}"
                 return False
             try:

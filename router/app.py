@@ -51,9 +51,9 @@ class Gateway:
     async def start(self) -> None:
         await self.store.init()
         await self.keys.start()
-        if any(m.provider in self.catalog.providers and self.catalog.providers[m.provider].local
-               and m.name not in self.model_endpoints for m in self.catalog.models.values()):
-            await self.nodes.start()
+        if any(self.catalog.providers[m.provider].local and m.name not in self.model_endpoints
+               for m in self.catalog.models.values()):
+            await self.nodes.start()   # some local model has no base_url: nodes serve it
 
     async def stop(self) -> None:
         await self.nodes.stop()
