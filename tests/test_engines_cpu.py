@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import time
 
 import httpx
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 
 from tests.helpers.inference import gemma, minilm, node_and_gateway
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
 
 Q, D = "search_query: ", "search_document: "
 
@@ -204,7 +203,6 @@ def test_embedding_input_errors(client):
 def test_concurrent_requests_share_forward_passes(stack):
     node, gw = stack
     key = gw.new_key()
-    before = node.call("GET", "/status").json()  # noqa: F841 - the node is up
     eng = node.deployment("embed-t")
 
     def stats() -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers.inference import NODE_TOKEN, cli, gemma, minilm, node_and_gateway
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
 
 
 def alive(pid: int) -> bool:
@@ -115,6 +115,9 @@ def test_swap_under_load(stack, key):
     assert node.deployment("embed-a")["state"] == "stopped"
     assert node.deployment("embed-b")["state"] == "ready"
     assert not alive(old_pid)
+    # the new deployment truncates over-long inputs where the old one refused them
+    r = post(gw, key, "/v1/embeddings", {"model": "lbl/nomic-embed-text", "input": "word " * 400})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 256
     print(f"swap under load: {len(chats)} chat requests all 200; embeddings {codes.count(200)} x 200, "
           f"{len(refused)} x 503 swapping")
 

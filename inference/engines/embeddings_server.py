@@ -178,7 +178,7 @@ class EmbeddingsEngine:
 def build_app(spec: Spec):
     engine = EmbeddingsEngine(spec)
     check = KeyCheck(os.environ.get("CBORG_ENGINE_KEY"))
-    app = base_app(check, engine.stats)
+    app = base_app(check, engine.refresh_stats)
     app.state = engine  # type: ignore[attr-defined]
 
     async def startup() -> None:
@@ -197,17 +197,12 @@ def build_app(spec: Spec):
             raise HTTPError(400, "Request body must be a JSON object.")
         return await engine.embed(body)
 
-    async def stats(req: Request):
-        check(req)
-        return Response(orjson.dumps(engine.refresh_stats()))
-
     async def models(req: Request):
         check(req)
         return Response(orjson.dumps({"object": "list", "data": [
             {"id": engine.name, "object": "model", "created": now(), "owned_by": "cborg"}]}))
 
     app.route("/embeddings", "POST", embeddings)
-    app.route("/stats", "GET", stats, v1=False)
     app.route("/models", "GET", models)
     return app
 

@@ -14,9 +14,9 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from cborg.asgi import App, HTTPError, Request
+from cborg.asgi import App, HTTPError, Request, json_response
 
 from ..config import DeploymentConf
 
@@ -79,10 +79,9 @@ def field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
     return v
 
 
-def base_app(check: KeyCheck, health: dict) -> App:
-    """An App with /health (no key) and /stats (with the key), for the node and the tests."""
-    from cborg.asgi import json_response
-
+def base_app(check: KeyCheck, stats: Callable[[], dict]) -> App:
+    """An App with /health (no key: readiness) and /stats (with the key: load, for the node's
+    drain and the tests)."""
     app = App()
 
     async def health_h(req: Request):
@@ -90,7 +89,7 @@ def base_app(check: KeyCheck, health: dict) -> App:
 
     async def stats_h(req: Request):
         check(req)
-        return json_response(health)
+        return json_response(stats())
 
     app.route("/health", "GET", health_h, v1=False)
     app.route("/stats", "GET", stats_h, v1=False)

@@ -268,7 +268,7 @@ class TransformersEngine:
 def build_app(spec: Spec):
     engine = TransformersEngine(spec)
     check = KeyCheck(os.environ.get("CBORG_ENGINE_KEY"))
-    app = base_app(check, engine.stats)
+    app = base_app(check, lambda: engine.stats)
     app.state = engine  # type: ignore[attr-defined]
 
     async def chat(req: Request):
