@@ -22,6 +22,7 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import subprocess
@@ -190,6 +191,7 @@ def main() -> None:
                     p.wait(60)
                 except subprocess.TimeoutExpired:
                     p.kill()
+    shutil.rmtree(tmp, ignore_errors=True)   # kept only when something failed (the logs are there)
 
     inproc = statistics.median(rows["inproc"])
     inproc64 = statistics.median(rows["inproc64"])
