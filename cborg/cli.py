@@ -44,8 +44,29 @@ def cmd_router(a) -> None:
 
 
 def cmd_serve(a) -> None:
-    """The gateway and, once inference nodes exist, a local CPU node."""
-    run_router(a.host, a.port, 1, a.log_level)
+    """The gateway and a local inference node (CPU profile by default)."""
+    from cborg.serve import serve
+    serve(a.host, a.port, a.profile, a.node_port, a.log_level)
+
+
+# -- node -----------------------------------------------------------------------------------
+def cmd_node(a) -> None:
+    from inference.config import ConfigError, load_inference
+    from inference.node import run_node
+    from router.catalog import default_config_path
+
+    try:
+        conf = load_inference(os.environ.get("CBORG_CONFIG") or default_config_path(), a.profile)
+        conf.node(a.name)
+    except ConfigError as e:
+        _die(str(e))
+    run_node(conf, a.name, a.host, a.port, a.log_level)
+
+
+# -- models (through the gateway's admin API) -----------------------------------------------
+def cmd_models(a) -> None:
+    from cborg.models_cli import run
+    sys.exit(run(a))
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -149,8 +170,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gateway with a local CPU inference node")
     p.add_argument("--host", default=os.environ.get("CBORG_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("CBORG_PORT", "8000")))
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--profile", help="models.yaml profile of the local node (default: cpu)")
+    p.add_argument("--node-port", type=int, help="the local node's admin port (default: the profile's)")
+    p.add_argument("--log-level", default="warning")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("node", help="run an inference node: the engines of one server's deployments")
+    p.add_argument("--profile", help="models.yaml profile (default: CBORG_PROFILE, else default_profile)")
+    p.add_argument("--name", help="this node's name in the profile (needed when it has several)")
+    p.add_argument("--host", help="admin API address (default: from the node's url)")
+    p.add_argument("--port", type=int, help="admin API port (default: from the node's url)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(fn=cmd_node)
+
+    m = sub.add_parser("models", help="what runs where; load, unload, swap (gateway admin API, CBORG_MASTER_KEY)")
+    m.add_argument("--url", default=os.environ.get("CBORG_URL", "http://127.0.0.1:8000"), help="the gateway")
+    ms = m.add_subparsers(dest="models_cmd", required=True)
+    st = ms.add_parser("status", help="nodes, deployments and their states")
+    st.add_argument("--json", action="store_true", help="the raw status")
+    for name, helptext in (("load", "load a model's deployment (or a deployment by name)"),
+                           ("unload", "drain and unload a model (or a deployment by name)")):
+        x = ms.add_parser(name, help=helptext)
+        x.add_argument("name", metavar="MODEL_OR_DEPLOYMENT")
+        x.add_argument("--node", help="only on this node")
+        x.add_argument("--no-wait", dest="wait", action="store_false", help="return once the node accepted")
+        x.add_argument("--timeout", type=float, default=1800, help="longest wait, s (default 1800)")
+    sw = ms.add_parser("swap", help="drain a model's deployment and load another in its place")
+    sw.add_argument("name", metavar="MODEL")
+    sw.add_argument("--to", required=True, metavar="DEPLOYMENT")
+    sw.add_argument("--node", help="the node holding the deployment (default: the one that has it)")
+    sw.add_argument("--no-wait", dest="wait", action="store_false")
+    sw.add_argument("--timeout", type=float, default=1800)
+    m.set_defaults(fn=cmd_models)
 
     k = sub.add_parser("keys", help="manage API keys (in CBORG_DATABASE_URL)")
     ks = k.add_subparsers(dest="keys_cmd", required=True)

@@ -16,6 +16,7 @@ from .limits import NullLimiter
 from .limits.memory import MemoryLimiter
 from .limits.policy import Policy
 from .metrics import Metrics
+from .nodes import NodeRegistry
 from .pipeline import Pipeline
 from .providers import make_endpoint
 from .providers.base import Endpoint
@@ -61,6 +62,9 @@ class Gateway:
         self.model_endpoints: dict[str, Endpoint] = {
             m.name: make_endpoint(m.provider, self.catalog.providers[m.provider], m, env=settings.env)
             for m in self.catalog.models.values() if m.base_url}
+        # Local models without a base_url are served by inference nodes (router/nodes.py).
+        self.nodes = NodeRegistry(self.catalog, self.pool, settings.profile, settings.nodes, settings.env,
+                                  settings.node_poll_s)
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -68,8 +72,12 @@ class Gateway:
         await self.keys.start()
         await self.limiter.start()
         await self.ledger.start()
+        if any(self.catalog.providers[m.provider].local and m.name not in self.model_endpoints
+               for m in self.catalog.models.values()):
+            await self.nodes.start()   # some local model has no base_url: nodes serve it
 
     async def stop(self) -> None:
+        await self.nodes.stop()
         await self.ledger.stop()      # flush every queued row before the store closes
         await self.limiter.stop()
         await self.keys.stop()
@@ -82,8 +90,7 @@ class Gateway:
         ep = self.model_endpoints.get(route.model.name)
         if ep is None:
             if route.provider.local:
-                raise HTTPError(503, f"No inference node serves '{route.name}' right now.",
-                                code="model_not_served", type="service_unavailable", headers=[_NO_RETRY])
+                return self.nodes.pick(route)
             ep = self.endpoints[route.provider_name]
         if ep.missing:
             raise HTTPError(503, f"The model '{route.name}' is not available: {ep.missing}.",
@@ -136,7 +143,7 @@ class Gateway:
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
-    from .api import admin, health, info, openai
+    from .api import admin, health, info, models_admin, openai
 
     settings = settings or Settings.from_env()
     gw = Gateway(settings, catalog)
@@ -145,5 +152,6 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     openai.register(app, gw)
     info.register(app, gw)
     admin.register(app, gw)
+    models_admin.register(app, gw)
     health.register(app, gw)
     return app

@@ -26,6 +26,9 @@ class Settings:
     request_logs: bool = True           # one JSON log line per request
     ledger_interval_s: float = 0.5
     redis_prefix: str = "cborg:"
+    profile: str | None = None          # models.yaml profile whose inference nodes serve lbl/* (default_profile)
+    nodes: list[dict] | None = None     # overrides the profile's node list (cborg serve, tests)
+    node_poll_s: float = 2.0            # how often each node's status is read
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -42,6 +45,8 @@ class Settings:
             request_logs=(env.get("CBORG_REQUEST_LOGS") or "on").lower() not in ("off", "0", "false", "no"),
             ledger_interval_s=float(env.get("CBORG_LEDGER_INTERVAL_S") or 0.5),
             redis_prefix=env.get("CBORG_REDIS_PREFIX") or "cborg:",
+            profile=env.get("CBORG_PROFILE") or None,
+            node_poll_s=float(env.get("CBORG_NODE_POLL_S") or 2.0),
         )
         for k, v in overrides.items():
             setattr(s, k, v)

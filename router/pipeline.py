@@ -299,10 +299,12 @@ class Pipeline:
                 if resp.status not in _RETRY_STATUS or attempt + 1 >= attempts \
                         or resp.header("x-should-retry") == "false":
                     msg = scrub(adapter(route.provider.protocol).error_message(resp.status, data), ep.api_key)
+                    ra = resp.header("retry-after") if resp.status in (429, 503) else None
                     raise HTTPError(resp.status, f"{route.provider_name} returned HTTP {resp.status} for "
                                                  f"'{route.name}': {msg}", code="upstream_error",
                                     type="upstream_error" if resp.status >= 500 else None,
-                                    headers=[_NO_RETRY] if resp.status >= 500 else None)
+                                    headers=[(b"retry-after", ra.encode())] if ra  # e.g. an engine's full queue
+                                    else [_NO_RETRY] if resp.status >= 500 else None)
             r = conf.retry
             delay = min(r.max_backoff, r.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
             ra = _retry_after(resp)

