@@ -40,8 +40,8 @@ _IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
 # Model id prefixes whose Converse support has no tool use while streaming (AWS's model feature table).
 _NO_STREAM_TOOLS = ("meta.", "mistral.", "us.meta.", "eu.meta.", "us.mistral.", "eu.mistral.")
 _CACHE_POINT = {"cachePoint": {"type": "default"}}
-_MISSING = ("no AWS credentials on this gateway: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(and AWS_SESSION_TOKEN for temporary ones), or AWS_PROFILE, or run it with an IAM role")
+_MISSING = ("has no credentials on this gateway: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(+ AWS_SESSION_TOKEN), or AWS_PROFILE, or give it an IAM role")
 
 
 def _bad(msg: str, param: str | None = None) -> HTTPError:
@@ -79,7 +79,7 @@ async def prepare(ep: Endpoint) -> None:
 
 
 def _missing(ep: Endpoint) -> HTTPError:
-    return HTTPError(503, f"The provider '{ep.provider}' is not available: {_MISSING}.",
+    return HTTPError(503, f"The provider '{ep.provider}' {_MISSING}.",
                      code="provider_not_configured", type="service_unavailable",
                      headers=[(b"x-should-retry", b"false")])
 
