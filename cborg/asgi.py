@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from . import timers
+
 log = logging.getLogger("cborg.http")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -142,7 +144,7 @@ class CancelOnDisconnect:
 
     def __enter__(self) -> "CancelOnDisconnect":
         self.task = asyncio.current_task()
-        self.timer = asyncio.get_running_loop().call_later(self.after, self._arm)
+        self.timer = timers.call_later(self.after, self._arm)
         return self
 
     def _arm(self) -> None:

@@ -108,7 +108,7 @@ class Gateway:
         only appends; the ledger's background flush writes rows and log lines in batches."""
         if call.admission is not None:
             call.admission.finish(call)
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
         latency = time.perf_counter() - call.t0
         ttft = (call.ttft - call.t0) if call.ttft is not None else None
         self.metrics.observe(call.route.name, call.status, latency, ttft, call.usage, call.cost)
@@ -135,7 +135,7 @@ class Gateway:
     def refused(self, call, err: HTTPError) -> None:
         """A request a limit refused: counted and logged; no ledger row (nothing was served)."""
         self.metrics.rejections.labels(getattr(err, "limit", "other"), getattr(err, "scope_kind", "other")).inc()
-        self.metrics.requests.labels(call.route.name, "429").inc()
+        self.metrics.requests[(call.route.name, 429)] += 1
         self.ledger.log({"ts": round(time.time(), 3), "level": "info", "logger": "cborg.request",
                          "msg": "refused", "request_id": call.id, "key_id": call.key.id, "user": call.key.user_id,
                          "model": call.route.name, "status": 429, "limit": getattr(err, "limit", None),

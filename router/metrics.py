@@ -1,61 +1,101 @@
-"""Prometheus metrics (GET /metrics). One registry per gateway; label children are cached so that
-recording a request costs a few dict lookups. With several uvicorn workers each worker has its own
-numbers: scrape each, or run one worker per replica (the deployment this project recommends)."""
+"""Prometheus metrics (GET /metrics).
+
+The per-request numbers are plain Python ints and floats, updated without locks (one event loop),
+and turned into Prometheus families only when scraped, by a custom collector: prometheus_client's
+own Counter/Histogram take a lock per update, which cost about 3 % of the gateway's CPU at
+4,000 requests/s. prometheus_client still writes the exposition format. With several uvicorn
+workers each worker has its own numbers: scrape each, or run one worker per replica.
+"""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections import defaultdict
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _Histogram:
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect.bisect_left(BUCKETS, v)] += 1
+        self.sum += v
+
+    def family_rows(self) -> tuple[list, float]:
+        rows, acc = [], 0
+        for le, n in zip((*(str(b) for b in BUCKETS), "+Inf"), self.counts):
+            acc += n
+            rows.append((le, acc))
+        return rows, self.sum
 
 
 class Metrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("cborg_requests", "Inference requests by model and HTTP status",
-                                ["model", "status"], registry=r)
-        self.errors = Counter("cborg_errors", "Inference requests that ended in an error, by model and status",
-                              ["model", "status"], registry=r)
-        self.latency = Histogram("cborg_request_latency_seconds", "Time from request to the end of the response",
-                                 ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("cborg_time_to_first_token_seconds", "Time to the first streamed chunk",
-                              ["model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tokens = Counter("cborg_tokens", "Tokens by model and kind (prompt, cached, completion)",
-                              ["model", "kind"], registry=r)
-        self.spend = Counter("cborg_spend_usd", "Cost in US dollars by model", ["model"], registry=r)
-        self.in_flight = Gauge("cborg_in_flight_requests", "Inference requests in progress", registry=r)
+        self.registry = CollectorRegistry()
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency: dict[str, _Histogram] = defaultdict(_Histogram)
+        self.ttft: dict[str, _Histogram] = defaultdict(_Histogram)
+        self.tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.spend: dict[str, float] = defaultdict(float)
+        self.in_flight = 0
         self.rejections = Counter("cborg_limiter_rejections", "Requests refused by a limit",
-                                  ["limit", "scope"], registry=r)
+                                  ["limit", "scope"], registry=self.registry)
         self.limiter_errors = Counter("cborg_limiter_errors", "Limiter backend errors (requests admitted open)",
-                                      registry=r)
-        self._children: dict[tuple, tuple] = {}
+                                      registry=self.registry)
+        self.registry.register(self)
 
-    def _for(self, model: str, status: int) -> tuple:
-        k = (model, status)
-        c = self._children.get(k)
-        if c is None:
-            st = str(status)
-            c = self._children[k] = (
-                self.requests.labels(model, st), self.errors.labels(model, st) if status >= 400 else None,
-                self.latency.labels(model), self.ttft.labels(model), self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "cached"), self.tokens.labels(model, "completion"),
-                self.spend.labels(model))
-        return c
-
+    # -- hot path ----------------------------------------------------------------------------
     def observe(self, model: str, status: int, latency: float, ttft: float | None, usage: dict | None,
                 cost: float) -> None:
-        req, err, lat, tt, tp, tc, tco, sp = self._for(model, status)
-        req.inc()
-        if err is not None:
-            err.inc()
-        lat.observe(latency)
+        self.requests[(model, status)] += 1
+        self.latency[model].observe(latency)
         if ttft is not None:
-            tt.observe(ttft)
+            self.ttft[model].observe(ttft)
         if usage:
-            tp.inc(usage.get("prompt_tokens") or 0)
-            tc.inc((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-            tco.inc(usage.get("completion_tokens") or 0)
+            t = self.tokens
+            t[(model, "prompt")] += usage.get("prompt_tokens") or 0
+            t[(model, "cached")] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            t[(model, "completion")] += usage.get("completion_tokens") or 0
         if cost:
-            sp.inc(cost)
+            self.spend[model] += cost
+
+    # -- scrape --------------------------------------------------------------------------------
+    def collect(self):
+        req = CounterMetricFamily("cborg_requests", "Inference requests by model and HTTP status",
+                                  labels=["model", "status"])
+        err = CounterMetricFamily("cborg_errors", "Inference requests that ended in an error, by model and status",
+                                  labels=["model", "status"])
+        for (model, status), n in list(self.requests.items()):
+            req.add_metric([model, str(status)], n)
+            if status >= 400:
+                err.add_metric([model, str(status)], n)
+        yield req
+        yield err
+        for name, doc, hists in (("cborg_request_latency_seconds", "Time from request to the end of the response",
+                                  self.latency),
+                                 ("cborg_time_to_first_token_seconds", "Time to the first streamed chunk", self.ttft)):
+            fam = HistogramMetricFamily(name, doc, labels=["model"])
+            for model, h in list(hists.items()):
+                rows, total = h.family_rows()
+                fam.add_metric([model], rows, total)
+            yield fam
+        tok = CounterMetricFamily("cborg_tokens", "Tokens by model and kind (prompt, cached, completion)",
+                                  labels=["model", "kind"])
+        for (model, kind), n in list(self.tokens.items()):
+            tok.add_metric([model, kind], n)
+        yield tok
+        sp = CounterMetricFamily("cborg_spend_usd", "Cost in US dollars by model", labels=["model"])
+        for model, v in list(self.spend.items()):
+            sp.add_metric([model], v)
+        yield sp
+        yield GaugeMetricFamily("cborg_in_flight_requests", "Inference requests in progress", value=self.in_flight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -170,7 +170,7 @@ class Pipeline:
         except HTTPError as e:
             gw.refused(call, e)
             raise
-        gw.metrics.in_flight.inc()
+        gw.metrics.in_flight += 1
         try:
             with CancelOnDisconnect(req):
                 return await self._call_upstream(call, body, raw)
@@ -266,10 +266,8 @@ class Pipeline:
             finally:
                 release()
             cost = call.account(obj.get("usage"))
-            headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode()),
-                       (b"x-cborg-served-by", route.name.encode())]
-            if call.admission is not None:
-                headers += call.admission.headers
+            headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode())]
+            self._extra_headers(call, route, headers)
             call.finish()
             return Response(orjson.dumps(obj), 200, headers)
         assert last_err is not None
@@ -321,12 +319,19 @@ class Pipeline:
         return HTTPError(502, f"The upstream for '{route.name}' is unreachable: {e}", code="upstream_unreachable",
                          type="upstream_error", headers=[_NO_RETRY])
 
+    @staticmethod
+    def _extra_headers(call: Call, served: Route, headers: list) -> None:
+        """Rate-limit headers, and which model served when a fallback did (every header costs)."""
+        if served is not call.route:
+            headers.append((b"x-cborg-served-by", served.name.encode()))
+        if call.admission is not None:
+            headers += call.admission.headers
+
     # -- streams -----------------------------------------------------------------------
     def _stream_response(self, call: Call, resp: UpstreamResponse, ad, route: Route, ep: Endpoint,
                          release) -> StreamResponse:
-        headers = [(b"x-request-id", call.id.encode()), (b"x-cborg-served-by", route.name.encode())]
-        if call.admission is not None:
-            headers += call.admission.headers
+        headers = [(b"x-request-id", call.id.encode())]
+        self._extra_headers(call, route, headers)
 
         async def finalize() -> None:
             release()

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from cborg import timers
+
 _HIGH_WATER = 1 << 20  # pause reading a streamed body past 1 MiB not yet consumed
 
 
@@ -171,11 +173,13 @@ class _Conn(asyncio.Protocol):
         return data
 
 
-def _timeout(fut: asyncio.Future, seconds: float, what: str) -> asyncio.TimerHandle:
-    def fire() -> None:
-        if not fut.done():
-            fut.set_exception(UpstreamError("timeout", f"upstream timed out ({what} after {seconds:g} s)"))
-    return asyncio.get_running_loop().call_later(seconds, fire)
+def _fire(fut: asyncio.Future, seconds: float, what: str) -> None:
+    if not fut.done():
+        fut.set_exception(UpstreamError("timeout", f"upstream timed out ({what} after {seconds:g} s)"))
+
+
+def _timeout(fut: asyncio.Future, seconds: float, what: str) -> timers.Timeout:
+    return timers.call_later(seconds, _fire, fut, seconds, what)
 
 
 class UpstreamResponse:

@@ -97,8 +97,8 @@ http {{
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def lua(tmp: Path, model: str, key: str) -> Path:
-    p = tmp / f"post-{re.sub(r'[^a-z0-9]', '_', model)}.lua"
+def lua(tmp: Path, model: str, key: str, tag: str = "") -> Path:
+    p = tmp / f"post-{tag}-{re.sub(r'[^a-z0-9]', '_', model)}.lua"
     body = ('{"model":"%s","messages":[{"role":"user","content":"Hello, how are you today?"}],'
             '"max_tokens":64}' % model)
     p.write_text(f"""wrk.method = "POST"
@@ -111,9 +111,17 @@ wrk.headers["anthropic-version"] = "2023-06-01"
     return p
 
 
-def wrk(url: str, script: Path, conns: int, secs: float, cpu: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (and its threads) so far."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk(url: str, script: Path, conns: int, secs: float, cpu: str, pid: int | None = None) -> dict:
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run(["taskset", "-c", cpu, need("wrk", "wrk"), "-t1", f"-c{conns}", f"-d{max(1, round(secs))}s", "--latency",
                           "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+    cpu_used = cpu_seconds(pid) - cpu0 if pid else 0.0
     def ms(v: str) -> float:
         m = re.match(r"([\d.]+)(us|ms|s|m)", v)
         if m is None:
@@ -125,7 +133,9 @@ def wrk(url: str, script: Path, conns: int, secs: float, cpu: str) -> dict:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errs = re.search(r"Socket errors:.*", out)
+    total = int(re.search(r"(\d+) requests in", out).group(1))
     return {"p50_ms": p50, "p99_ms": p99, "rps": rps, "non2xx": int(bad.group(1)) if bad else 0,
+            "cpu_us": cpu_used / total * 1e6 if pid and total else 0.0,
             "socket_errors": errs.group(0) if errs else ""}
 
 
@@ -150,6 +160,15 @@ async def pg_schema(name: str, drop: bool = False) -> str:
     await c.close()
     sep = "&" if "?" in PG_URL else "?"
     return f"{PG_URL}{sep}search_path={name}"
+
+
+def pin_services(cpu: str | None) -> None:
+    """Keep Redis and PostgreSQL off the gateway's core during the run (None: back to every core)."""
+    cpus = cpu or f"0-{os.cpu_count() - 1}"
+    for name in ("redis-server", "postgres"):
+        pids = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, pid], capture_output=True)
 
 
 def start_gateway(port: int, env: dict, cpu: str, log: Path) -> subprocess.Popen:
@@ -182,7 +201,7 @@ def main() -> None:
             sys.exit(f"unknown scenario {s}; known: {', '.join(SCENARIOS)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="cborg-bench-"))
-    nport, gport = free_port(), free_port()
+    nport = free_port()
     nginx = start_nginx(tmp, nport, a.load_cpu)
     time.sleep(0.3)
     base_env = {"OPENAI_API_KEY": "sk-bench-upstream", "ANTHROPIC_API_KEY": "sk-ant-bench",
@@ -190,36 +209,43 @@ def main() -> None:
                 "XAI_API_KEY": "x", "GEMINI_API_KEY": "x"}
     results: dict[str, dict] = {}
     procs = [nginx]
+    pin_services(a.load_cpu)
     schema = f"cborg_bench_{os.getpid()}"
     try:
+        # Every scenario's gateway runs for the whole benchmark (idle while another is measured), and
+        # each round measures every scenario in turn: ratios then compare like moments of a shared,
+        # noisy machine. Medians over rounds; ratios are medians of the per-round ratios.
+        setup = {}
         for s in scen:
             model, path, extra_env, db_kind = SCENARIOS[s]
             db = asyncio.run(pg_schema(schema)) if db_kind == "postgres" else f"sqlite:///{tmp / (s + '.db')}"
             key = asyncio.run(make_key(db))
-            direct = lua(tmp, "gpt-4o", key)
-            gw = start_gateway(gport, {**base_env, **extra_env, "CBORG_DATABASE_URL": db}, a.gateway_cpu,
+            port = free_port()
+            gw = start_gateway(port, {**base_env, **extra_env, "CBORG_DATABASE_URL": db}, a.gateway_cpu,
                                tmp / f"gw-{s}.log")
             procs.append(gw)
-            script = lua(tmp, model, key)
-            gurl = f"http://127.0.0.1:{gport}/v1/chat/completions"
-            durl = f"http://127.0.0.1:{nport}{path}"
-            wrk(gurl, script, 32, 2, a.load_cpu)  # warm up
-            rows = {"direct_c1": [], "gw_c1": [], "gw_c32": [], "direct_c32": []}
-            for _ in range(a.rounds):
-                rows["direct_c1"].append(wrk(durl, direct, 1, a.seconds, a.load_cpu))
-                rows["gw_c1"].append(wrk(gurl, script, 1, a.seconds, a.load_cpu))
-                rows["gw_c32"].append(wrk(gurl, script, 32, a.seconds, a.load_cpu))
-            rows["direct_c32"].append(wrk(durl, direct, 32, a.seconds, a.load_cpu))
-            gw.send_signal(signal.SIGTERM)
-            gw.wait(20)
-            procs.remove(gw)
-            med = lambda k, f: statistics.median(r[f] for r in rows[k])  # noqa: E731
+            setup[s] = (gw, lua(tmp, model, key, s), lua(tmp, "gpt-4o", key, s + "-direct"),
+                        f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{nport}{path}")
+            wrk(setup[s][3], setup[s][1], 32, 2, a.load_cpu)  # warm up
+        rows = {s: {"direct_c1": [], "gw_c1": [], "gw_c32": [], "direct_c32": []} for s in scen}
+        for _ in range(a.rounds):
+            for s in scen:
+                gw, script, direct, gurl, durl = setup[s]
+                rows[s]["direct_c1"].append(wrk(durl, direct, 1, a.seconds, a.load_cpu))
+                rows[s]["gw_c1"].append(wrk(gurl, script, 1, a.seconds, a.load_cpu))
+                rows[s]["gw_c32"].append(wrk(gurl, script, 32, a.seconds, a.load_cpu, gw.pid))
+        for s in scen:
+            rows[s]["direct_c32"].append(wrk(setup[s][4], setup[s][2], 32, a.seconds, a.load_cpu))
+            r = rows[s]
+            med = lambda k, f: statistics.median(x[f] for x in r[k])  # noqa: E731
             results[s] = {
                 "direct_p50_ms": med("direct_c1", "p50_ms"), "gw_p50_ms": med("gw_c1", "p50_ms"),
-                "added_p50_ms": statistics.median(g["p50_ms"] - d["p50_ms"] for g, d in zip(rows["gw_c1"], rows["direct_c1"])),
+                "added_p50_ms": statistics.median(g["p50_ms"] - d["p50_ms"] for g, d in zip(r["gw_c1"], r["direct_c1"])),
                 "gw_p99_ms_c1": med("gw_c1", "p99_ms"),
                 "gw_rps_c32": med("gw_c32", "rps"), "direct_rps_c32": med("direct_c32", "rps"),
-                "errors": sum(r["non2xx"] for k in rows for r in rows[k]),
+                "gw_cpu_us": med("gw_c32", "cpu_us"),
+                "errors": sum(x["non2xx"] for k in r for x in r[k]),
+                "rounds": r,
             }
     finally:
         for p in procs:
@@ -229,27 +255,39 @@ def main() -> None:
                     p.wait(10)
                 except subprocess.TimeoutExpired:
                     p.kill()
+        pin_services(None)
         if any(SCENARIOS[x][3] == "postgres" for x in scen):
             asyncio.run(pg_schema(schema, drop=True))
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\nmachine: {os.cpu_count()} cores, {platform_line()}; gateway pinned to CPU {a.gateway_cpu}, "
-          f"nginx+wrk to CPU {a.load_cpu}; {a.rounds} rounds x {a.seconds:g}s, medians\n")
-    print("| scenario | direct p50 (ms) | gateway p50 (ms) | added p50 (ms) | gateway p99 c=1 (ms) | gateway req/s c=32 | nginx req/s c=32 | non-2xx |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"nginx, wrk, Redis and PostgreSQL to CPU {a.load_cpu}; {a.rounds} rounds x {a.seconds:g}s, medians\n")
+    print("| scenario | direct p50 (ms) | gateway p50 (ms) | added p50 (ms) | gateway p99 c=1 (ms) | gateway req/s c=32 | "
+          "gateway CPU per request c=32 (us) | nginx req/s c=32 | non-2xx |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for s, r in results.items():
         print(f"| {s} | {r['direct_p50_ms']:.3f} | {r['gw_p50_ms']:.3f} | {r['added_p50_ms']:.3f} | "
-              f"{r['gw_p99_ms_c1']:.2f} | {r['gw_rps_c32']:,.0f} | {r['direct_rps_c32']:,.0f} | {r['errors']} |")
+              f"{r['gw_p99_ms_c1']:.2f} | {r['gw_rps_c32']:,.0f} | {r['gw_cpu_us']:.0f} | {r['direct_rps_c32']:,.0f} | "
+              f"{r['errors']} |")
     print()
-    off = results.get("accounting-off")
-    for s, r in results.items():
-        if off is not None and s in ("passthrough", "redis-postgres"):
-            print(f"{s} (limits + accounting on) / accounting-off: throughput ratio "
-                  f"{r['gw_rps_c32'] / off['gw_rps_c32']:.2f}, added p50 {r['added_p50_ms'] - off['added_p50_ms']:+.3f} ms")
+
+    def per_round(s: str, base: str, field: str, inverse: bool = False) -> float:
+        pairs = zip(results[s]["rounds"]["gw_c32"], results[base]["rounds"]["gw_c32"])
+        return statistics.median((b[field] / x[field]) if inverse else (x[field] / b[field]) for x, b in pairs)
+
+    def added_diff(s: str, base: str) -> float:
+        rs, rb = results[s]["rounds"], results[base]["rounds"]
+        return statistics.median((g["p50_ms"] - d["p50_ms"]) - (gb["p50_ms"] - db["p50_ms"]) for g, d, gb, db in
+                                 zip(rs["gw_c1"], rs["direct_c1"], rb["gw_c1"], rb["direct_c1"]))
+    for s in results:
+        if "accounting-off" in results and s in ("passthrough", "redis-postgres"):
+            print(f"{s} (limits + accounting on) / accounting-off, medians of per-round ratios: throughput "
+                  f"{per_round(s, 'accounting-off', 'rps'):.2f}, CPU per request (off/on) "
+                  f"{per_round(s, 'accounting-off', 'cpu_us', inverse=True):.2f}, added p50 "
+                  f"{added_diff(s, 'accounting-off'):+.3f} ms")
         if s == "anthropic" and "passthrough" in results:
-            base = results["passthrough"]
-            print(f"anthropic vs passthrough: added p50 {r['added_p50_ms'] - base['added_p50_ms']:+.3f} ms, "
-                  f"throughput ratio {r['gw_rps_c32'] / base['gw_rps_c32']:.2f}")
+            print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
+                  f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")
 
 
 def platform_line() -> str:

@@ -141,3 +141,16 @@ async def test_header_injection_refused():
     pool = UpstreamPool()
     with pytest.raises(ValueError):
         await pool.request(Target.parse("http://127.0.0.1:1"), b"POST", "/", [(b"x", b"a\r\nevil: 1")], b"")
+
+
+async def test_coarse_timers_fire_once_and_cancel():
+    from cborg import timers
+    fired = []
+    t0 = asyncio.get_running_loop().time()
+    timers.call_later(0.05, lambda: fired.append(asyncio.get_running_loop().time() - t0))
+    gone = timers.call_later(0.05, fired.append, "cancelled")
+    gone.cancel()
+    await asyncio.sleep(0.2)
+    assert len(fired) == 1 and 0.05 <= fired[0] < 0.05 + 3 * timers.TICK
+    wheel = timers._wheels[asyncio.get_running_loop()]
+    assert wheel.handle is None and not wheel.slots      # nothing pending: no ticking

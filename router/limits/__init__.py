@@ -53,7 +53,10 @@ def _reset_str(seconds: float) -> bytes:
 
 
 def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-* from the tightest (limit, remaining, reset_in) of requests and of tokens."""
+    """x-ratelimit-* from the tightest (limit, remaining, reset_in) of requests and of tokens.
+
+    reset is OpenAI's meaning: the time until the limit is back to its initial state (the window
+    has let go of everything counted so far, this request included)."""
     h: list[tuple[bytes, bytes]] = []
     if req is not None:
         h += [(b"x-ratelimit-limit-requests", b"%d" % req[0]),

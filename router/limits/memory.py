@@ -46,10 +46,6 @@ class Window:
             if entry[0] < sec:
                 return
 
-    def next_free(self, now: float) -> float:
-        """Seconds until the oldest counted second leaves the window."""
-        return max(0.0, self.buckets[0][0] + 60 - now) if self.buckets else 60.0
-
     def reset_in(self, now: float, need: int, limit: int) -> float:
         """Seconds until `need` more fits under `limit`."""
         over = self.total + need - limit
@@ -132,7 +128,7 @@ class MemoryLimiter:
                     raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
                 rem = c.rpm - w.total - 1
                 if req_h is None or rem < req_h[1]:
-                    req_h = (c.rpm, rem, w.next_free(now))
+                    req_h = (c.rpm, rem, sec + 60 - now)
             if c.tpm is not None:
                 w = self.tok[c.scope]
                 w.expire(sec)
@@ -140,7 +136,7 @@ class MemoryLimiter:
                     raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
                 rem = c.tpm - w.total - est
                 if tok_h is None or rem < tok_h[1]:
-                    tok_h = (c.tpm, rem, w.next_free(now))
+                    tok_h = (c.tpm, rem, sec + 60 - now)
             if c.budget is not None:
                 s = self.spend.get(c.scope)
                 spent, reset_at = roll(s[0], s[1], c.period_s, now) if s else (0.0, None)

@@ -29,28 +29,43 @@ log = logging.getLogger("cborg.limits")
 #       parallel, rpm, tpm, budget, period (-1 = none)
 ADMIT = """
 local now, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+-- A window is a hash: one field per second (its count), 't' = the total of the fields in the
+-- window, 'o' = the oldest second not yet expired. Each call expires only the seconds that left
+-- the window since the last call, so the work is constant per request.
+local lo = sec - 59
 local function window(key)
-  local h = redis.call('HGETALL', key)
-  local total, pairs_ = 0, {}
-  for i = 1, #h, 2 do
-    local s, c = tonumber(h[i]), tonumber(h[i + 1])
-    if s <= sec - 60 then redis.call('HDEL', key, h[i]) else total = total + c; pairs_[#pairs_ + 1] = {s, c} end
+  local w = redis.call('HMGET', key, 'o', 't')
+  local o, total = tonumber(w[1]), tonumber(w[2]) or 0
+  if not o then return 0 end
+  if o < lo then
+    for s = o, math.min(lo - 1, o + 59) do
+      local v = redis.call('HGET', key, s)
+      if v then total = total - tonumber(v); redis.call('HDEL', key, s) end
+    end
+    redis.call('HSET', key, 'o', lo, 't', total)
   end
-  table.sort(pairs_, function(a, b) return a[1] < b[1] end)
-  return total, pairs_
+  return total
 end
-local function reset_in(total, pairs_, need, limit)
+local function reset_in(key, total, need, limit)
   local over, freed = total + need - limit, 0
-  for _, p in ipairs(pairs_) do
-    freed = freed + p[2]
-    if freed >= over then return tostring(math.max(0, p[1] + 60 - now)) end
+  local seconds = {}
+  for j = 0, 59 do seconds[j + 1] = lo + j end
+  local counts = redis.call('HMGET', key, unpack(seconds))
+  for j = 1, 60 do
+    if counts[j] then
+      freed = freed + tonumber(counts[j])
+      if freed >= over then return tostring(math.max(0, lo + j - 1 + 60 - now)) end
+    end
   end
   return '60'
 end
-local function next_free(pairs_)
-  if #pairs_ == 0 then return '60' end
-  return tostring(math.max(0, pairs_[1][1] + 60 - now))
+local function add(key, n_)
+  redis.call('HSETNX', key, 'o', lo)
+  redis.call('HINCRBY', key, sec, n_)
+  redis.call('HINCRBY', key, 't', n_)
+  redis.call('EXPIRE', key, 120)
 end
+local full = tostring(sec + 60 - now)   -- until the window is back to its initial state
 local out = {0}
 for i = 0, n - 1 do
   local a = 7 + i * 5
@@ -62,14 +77,14 @@ for i = 0, n - 1 do
     if c >= par then return {1, i, 'parallel', tostring(par), tostring(c), '1'} end
   end
   if rpm >= 0 then
-    local used, p = window(kr)
-    if used + 1 > rpm then return {1, i, 'rpm', tostring(rpm), tostring(used), reset_in(used, p, 1, rpm)} end
-    out[#out + 1] = {'r', tostring(rpm), tostring(rpm - used - 1), next_free(p)}
+    local used = window(kr)
+    if used + 1 > rpm then return {1, i, 'rpm', tostring(rpm), tostring(used), reset_in(kr, used, 1, rpm)} end
+    out[#out + 1] = {'r', tostring(rpm), tostring(rpm - used - 1), full}
   end
   if tpm >= 0 then
-    local used, p = window(kt)
-    if used + est > tpm then return {1, i, 'tpm', tostring(tpm), tostring(used), reset_in(used, p, est, tpm)} end
-    out[#out + 1] = {'t', tostring(tpm), tostring(tpm - used - est), next_free(p)}
+    local used = window(kt)
+    if used + est > tpm then return {1, i, 'tpm', tostring(tpm), tostring(used), reset_in(kt, used, est, tpm)} end
+    out[#out + 1] = {'t', tostring(tpm), tostring(tpm - used - est), full}
   end
   if budget >= 0 then
     local b = redis.call('HMGET', kb, 'spend', 'reset_at')
@@ -91,8 +106,8 @@ end
 for i = 0, n - 1 do
   local a = 7 + i * 5
   if tonumber(ARGV[a]) >= 0 then redis.call('ZADD', KEYS[i * 4 + 1], lease, rid); redis.call('EXPIRE', KEYS[i * 4 + 1], 86400) end
-  if tonumber(ARGV[a + 1]) >= 0 then redis.call('HINCRBY', KEYS[i * 4 + 2], sec, 1); redis.call('EXPIRE', KEYS[i * 4 + 2], 120) end
-  if tonumber(ARGV[a + 2]) >= 0 then redis.call('HINCRBY', KEYS[i * 4 + 3], sec, est); redis.call('EXPIRE', KEYS[i * 4 + 3], 120) end
+  if tonumber(ARGV[a + 1]) >= 0 then add(KEYS[i * 4 + 2], 1) end
+  if tonumber(ARGV[a + 2]) >= 0 then add(KEYS[i * 4 + 3], est) end
 end
 return out
 """
@@ -107,6 +122,7 @@ for i = 0, n - 1 do
   if ARGV[a] == '1' then redis.call('ZREM', KEYS[i * 3 + 1], rid) end
   if ARGV[a + 1] == '1' and delta ~= 0 and redis.call('HEXISTS', KEYS[i * 3 + 2], sec) == 1 then
     redis.call('HINCRBY', KEYS[i * 3 + 2], sec, delta)
+    redis.call('HINCRBY', KEYS[i * 3 + 2], 't', delta)
   end
   local period = tonumber(ARGV[a + 2])
   if period ~= -2 and cost > 0 and redis.call('EXISTS', KEYS[i * 3 + 3]) == 1 then
@@ -295,19 +311,18 @@ class RedisLimiter:
         await self.redis.eval(SEED, [self._names(c.scope)[3]], [repr(spend), repr(reset_at) if reset_at else "", ttl])
 
     def _finish(self, adm: RedisAdmission, call) -> None:
-        """Release, token correction and spend in one script, sent without waiting for the reply."""
+        """Release, token correction and spend in one script, with its reply switched off.
+
+        `CLIENT REPLY SKIP` makes Redis send nothing back for the script: no reply to parse, no
+        future to resolve, on every request. What cannot be seen is a failure, and the only likely
+        one is NOSCRIPT after a Redis restart; the next admission then reloads the scripts, and a
+        slot lost that way frees itself when its lease ends."""
         self.held.pop(adm.rid, None)
         packed = adm.cmds.finish(adm.rid, adm.sec, tokens_used(call) - adm.est, call.cost, self.clock(),
                                  len(adm.checks))
         try:
-            fut = self.redis.send_packed(packed)
+            self.redis.send_noreply(packed)
         except RedisError:
-            asyncio.ensure_future(self._finish_later(packed))
-            return
-        fut.add_done_callback(lambda f: self._finished(f, packed))
-
-    def _finished(self, fut: asyncio.Future, packed: bytes) -> None:
-        if not fut.cancelled() and fut.exception() is not None:
             asyncio.ensure_future(self._finish_later(packed))
 
     async def _finish_later(self, packed: bytes) -> None:

@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from cborg import timers
+
 
 class RedisError(Exception):
     pass
@@ -87,6 +89,9 @@ class _Proto(asyncio.Protocol):
             self.transport.close()
 
 
+_SKIP = hiredis.pack_command(("CLIENT", "REPLY", "SKIP"))
+
+
 def _expire(fut: asyncio.Future, timeout: float) -> None:
     if not fut.done():
         fut.set_exception(RedisError(f"Redis did not answer within {timeout:g} s"))
@@ -147,6 +152,13 @@ class RespClient:
         p.write(data)
         return f
 
+    def send_noreply(self, data: bytes) -> None:
+        """Write an encoded command whose reply Redis is told not to send (CLIENT REPLY SKIP)."""
+        p = self._proto
+        if p is None or p.closed:
+            raise RedisError("not connected")
+        p.write(_SKIP + data)
+
     def send(self, *args) -> asyncio.Future:
         return self.send_packed(hiredis.pack_command(args))
 
@@ -155,7 +167,7 @@ class RespClient:
         if p is None or p.closed:
             await self._conn()
         fut = self.send_packed(data)
-        timer = asyncio.get_running_loop().call_later(self.timeout, _expire, fut, self.timeout)
+        timer = timers.call_later(self.timeout, _expire, fut, self.timeout)
         try:
             return await fut
         finally:
