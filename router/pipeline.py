@@ -33,6 +33,7 @@ log = logging.getLogger("cborg.pipeline")
 
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 _MODE = {"chat": "chat", "completions": "chat", "embeddings": "embedding"}
+_KIND = {"chat": "a chat", "embedding": "an embedding"}
 _RETRY_STATUS = frozenset((408, 409, 425, 429, 500, 502, 503, 504, 529))
 _NO_RETRY = (b"x-should-retry", b"false")
 
@@ -152,7 +153,7 @@ class Pipeline:
                 raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models "
                                      "this key can use.", code="model_not_found", param="model")
         if route.model.mode != _MODE[op]:
-            raise HTTPError(400, f"The model '{route.name}' is a {route.model.mode} model and cannot serve "
+            raise HTTPError(400, f"The model '{route.name}' is {_KIND[route.model.mode]} model and cannot serve "
                                  f"/{'chat/completions' if op == 'chat' else op}.", param="model",
                             code="wrong_model_type")
         if not allowed(key, route):
