@@ -1,9 +1,24 @@
 """Pydantic validation errors as one line per bad field, named the way models.yaml spells it."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
+
+
+def read_yaml_mapping(path: Path, error: type[Exception]) -> dict:
+    """A YAML file whose top level is a mapping; `error` (naming the file) otherwise."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return raw
 
 
 def format_validation(e: ValidationError, raw: Any, prefix: str = "") -> str:

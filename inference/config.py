@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cborg.validation import format_validation
+from cborg.validation import format_validation, read_yaml_mapping
 
 Engine = Literal["vllm", "transformers", "embeddings"]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -244,14 +243,7 @@ def chosen_profile(raw: dict, profile: str | None = None) -> str:
 
 def load_inference(path: str | os.PathLike, profile: str | None = None) -> InferenceConf:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, ConfigError)
     name = chosen_profile(raw, profile)
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, dict) or name not in profiles:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cborg.validation import format_validation, read_yaml_mapping
 
 from .durations import parse_duration
 
@@ -240,44 +241,13 @@ class Catalog:
         return list(self.routes)
 
 
-def _format_validation(e: ValidationError, raw: dict) -> str:
-    lines = []
-    for err in e.errors():
-        loc = err.get("loc", ())
-        parts = []
-        for i, p in enumerate(loc):
-            if isinstance(p, int):
-                parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
-                # name the entry as well when it has one
-                seq = raw
-                for q in loc[: i + 1]:
-                    try:
-                        seq = seq[q]
-                    except Exception:  # noqa: BLE001
-                        seq = None
-                        break
-                if isinstance(seq, dict) and "name" in seq:
-                    parts[-1] += f" ({seq['name']})"
-            else:
-                parts.append(str(p))
-        lines.append(f"{'.'.join(parts) or '(top level)'}: {err['msg']}")
-    return "; ".join(lines)
-
-
 def load_catalog(path: str | os.PathLike) -> Catalog:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, ConfigError)
     try:
         conf = CatalogConf.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{path}: {_format_validation(e, raw)}") from None
+        raise ConfigError(f"{path}: {format_validation(e, raw)}") from None
     try:
         return Catalog(conf, path.parent)
     except ConfigError as e:

@@ -91,6 +91,30 @@ def running_gateway(tmp: Path, mock: MockOpenAI, edit=None, env: dict | None = N
         yield GatewayUnderTest(srv, db)
 
 
+@contextlib.contextmanager
+def gateway_replicas(tmp: Path, mock: MockOpenAI, n: int, env: dict):
+    """n gateway processes on one catalog and database (env: CBORG_DATABASE_URL etc.); yields their URLs."""
+    from tests.helpers.servers import free_port, gateway_proc, wait_http
+    cfg = write_catalog(tmp / "models.yaml", mock.url)
+    full = {**provider_env(mock), "CBORG_CONFIG": str(cfg), "CBORG_MASTER_KEY": MASTER_KEY, **env}
+    ports = [free_port() for _ in range(n)]
+    procs = [gateway_proc(p, full, tmp / f"gw{p}.log") for p in ports]
+    try:
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        for u, pr in zip(urls, procs):
+            wait_http(u + "/health/readiness", proc=pr.p)
+        yield urls
+    finally:
+        for pr in procs:
+            pr.stop()
+
+
+def admin_new_key(url: str, **fields) -> str:
+    r = httpx.post(url + "/key/generate", headers={"Authorization": f"Bearer {MASTER_KEY}"}, json=fields)
+    assert r.status_code == 200, r.text
+    return r.json()["key"]
+
+
 @pytest.fixture(scope="session")
 def gateway(mock_openai, tmp_path_factory):
     with running_gateway(tmp_path_factory.mktemp("gw"), mock_openai) as g:

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MASTER_KEY, provider_env, running_gateway, write_catalog
-from tests.helpers.servers import ROOT, free_port, gateway_proc, wait_http
+from tests.conftest import MASTER_KEY, admin_new_key, gateway_replicas, running_gateway
+from tests.helpers.servers import ROOT, free_port
 
 CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -109,17 +109,8 @@ def test_admin_api_off_without_master_key(tmp_path, mock_openai):
 
 def test_revocation_reaches_other_replica(tmp_path, mock_openai):
     """Two gateway processes on one database: a key revoked through one is refused by the other in < 5 s."""
-    cfg = write_catalog(tmp_path / "models.yaml", mock_openai.url)
-    env = {**provider_env(mock_openai), "CBORG_CONFIG": str(cfg), "CBORG_MASTER_KEY": MASTER_KEY,
-           "CBORG_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}
-    ports = [free_port(), free_port()]
-    procs = [gateway_proc(p, env, tmp_path / f"gw{p}.log") for p in ports]
-    try:
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for u, pr in zip(urls, procs):
-            wait_http(u + "/health/readiness", proc=pr.p)
-        key = httpx.post(urls[0] + "/key/generate", headers={"Authorization": f"Bearer {MASTER_KEY}"},
-                         json={"user_id": "r@lbl.gov"}).json()["key"]
+    with gateway_replicas(tmp_path, mock_openai, 2, {"CBORG_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.db'}"}) as urls:
+        key = admin_new_key(urls[0], user_id="r@lbl.gov")
         h = {"Authorization": f"Bearer {key}"}
         assert httpx.post(urls[1] + "/v1/chat/completions", headers=h, json=CHAT).status_code == 200
         t0 = time.time()
@@ -133,9 +124,6 @@ def test_revocation_reaches_other_replica(tmp_path, mock_openai):
         took = time.time() - t0
         assert r.status_code == 401, r.text
         assert took < 5.0, took
-    finally:
-        for p in procs:
-            p.stop()
 
 
 @pytest.mark.parametrize("mutate,words", [

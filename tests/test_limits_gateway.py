@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, provider_env, running_gateway, write_catalog
-from tests.helpers.servers import free_port, gateway_proc, wait_http
+from tests.conftest import admin_new_key, gateway_replicas, running_gateway
 
 CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -42,17 +40,9 @@ def test_parallel_5_of_50_in_process(tmp_path, fresh_mock):
 
 def test_parallel_5_of_50_across_two_replicas(tmp_path, fresh_mock, pg_url, redis_url, redis_prefix):
     fresh_mock.delay = 0.5
-    cfg = write_catalog(tmp_path / "models.yaml", fresh_mock.url)
-    env = {**provider_env(fresh_mock), "CBORG_CONFIG": str(cfg), "CBORG_MASTER_KEY": MASTER_KEY,
-           "CBORG_DATABASE_URL": pg_url, "CBORG_REDIS_URL": redis_url, "CBORG_REDIS_PREFIX": redis_prefix}
-    ports = [free_port(), free_port()]
-    procs = [gateway_proc(p, env, tmp_path / f"gw{p}.log") for p in ports]
-    try:
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
-        for u, pr in zip(urls, procs):
-            wait_http(u + "/health/readiness", proc=pr.p)
-        key = httpx.post(urls[0] + "/key/generate", headers={"Authorization": f"Bearer {MASTER_KEY}"},
-                         json={"user_id": "par@lbl.gov", "max_parallel_requests": 5}).json()["key"]
+    env = {"CBORG_DATABASE_URL": pg_url, "CBORG_REDIS_URL": redis_url, "CBORG_REDIS_PREFIX": redis_prefix}
+    with gateway_replicas(tmp_path, fresh_mock, 2, env) as urls:
+        key = admin_new_key(urls[0], user_id="par@lbl.gov", max_parallel_requests=5)
         time.sleep(2.5)   # the other replica learns the key from the shared database
         rs = asyncio.run(burst(urls, key, 50))
         codes = [r.status_code for r in rs]
@@ -72,9 +62,6 @@ def test_parallel_5_of_50_across_two_replicas(tmp_path, fresh_mock, pg_url, redi
         on_a, on_b = asyncio.run(split())
         assert [r.status_code for r in on_a] == [200] * 3
         assert sorted(r.status_code for r in on_b) == [200, 200, 429]
-    finally:
-        for p in procs:
-            p.stop()
 
 
 def test_rate_limit_headers_and_sdk_error(tmp_path, fresh_mock):

@@ -25,7 +25,7 @@ from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, UpstreamRequest, error_event, error_text
+from .base import Endpoint, SSETranslator, UpstreamRequest, error_event, error_text
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -364,9 +364,10 @@ def error_message(status: int, data: bytes) -> str:
 
 
 # -- stream ---------------------------------------------------------------------------------
-class AnthropicStream:
+class AnthropicStream(SSETranslator):
     """Messages stream events -> OpenAI chat.completion.chunk events (framed SSE bytes)."""
 
+    provider = "Anthropic"
     __slots__ = ("_sse", "usage", "template", "error", "_head", "_tools", "_finish", "_raw")
 
     def __init__(self) -> None:
@@ -434,25 +435,6 @@ class AnthropicStream:
             out.append(error_event(f"Anthropic stream error ({err.get('type', 'error')}): {err.get('message', '')}",
                                    err.get("type")))
         # ping, content_block_stop, message_stop: nothing to say
-
-    def _events(self, raws: list[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in raws:
-            if self.error:
-                break   # after an error event nothing more is relayed
-            try:
-                self._event(raw, out)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self.error = f"unreadable stream event: {e}"
-                out.append(error_event(f"The Anthropic stream sent an event that could not be read: {e}",
-                                       "bad_upstream_response"))
-        return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._events(self._sse.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._events(self._sse.flush())
 
 
 def stream(route: Route, op: str) -> AnthropicStream:

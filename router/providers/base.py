@@ -121,3 +121,33 @@ def error_text(data: bytes, limit: int = 500) -> str:
             if obj.get(k):
                 return str(obj[k])[:limit]
     return data[:limit].decode("utf-8", "replace")
+
+
+class SSETranslator:
+    """Base of the translators whose upstream streams SSE (Anthropic, Gemini): frames the events,
+    hands each to `_event`, and relays nothing after an error (a broken event becomes one)."""
+
+    __slots__ = ()
+    provider = "upstream"
+
+    def _event(self, raw: bytes, out: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _events(self, raws: list[bytes]) -> list[bytes]:
+        out: list[bytes] = []
+        for raw in raws:
+            if self.error:
+                break   # after an error event nothing more is relayed
+            try:
+                self._event(raw, out)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self.error = f"unreadable stream event: {e}"
+                out.append(error_event(f"The {self.provider} stream sent an event that could not be read: {e}",
+                                       "bad_upstream_response"))
+        return out
+
+    def feed(self, data: bytes) -> list[bytes]:
+        return self._events(self._sse.feed(data))
+
+    def close(self) -> list[bytes]:
+        return self._events(self._sse.flush())

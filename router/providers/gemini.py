@@ -25,7 +25,7 @@ from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, UpstreamRequest, error_event, error_text
+from .base import Endpoint, SSETranslator, UpstreamRequest, error_event, error_text
 
 API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
@@ -305,9 +305,10 @@ def error_message(status: int, data: bytes) -> str:
 
 
 # -- stream ---------------------------------------------------------------------------------
-class GeminiStream:
+class GeminiStream(SSETranslator):
     """SSE GenerateContentResponse chunks -> OpenAI chat.completion.chunk events."""
 
+    provider = "Gemini"
     __slots__ = ("_sse", "usage", "template", "error", "_model", "_head", "_calls", "_started")
 
     def __init__(self, model: str) -> None:
@@ -366,25 +367,6 @@ class GeminiStream:
             fin = _finish(c.get("finishReason"), bool(self._calls.get(i)))
             if fin:
                 out.append(self._chunk(i, {}, fin))
-
-    def _events(self, raws: list[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in raws:
-            if self.error:
-                break   # after an error event nothing more is relayed
-            try:
-                self._event(raw, out)
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                self.error = f"unreadable stream event: {e}"
-                out.append(error_event(f"The Gemini stream sent an event that could not be read: {e}",
-                                       "bad_upstream_response"))
-        return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._events(self._sse.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._events(self._sse.flush())
 
 
 def stream(route: Route, op: str) -> GeminiStream:
