@@ -21,11 +21,10 @@ import time
 
 import orjson
 
-from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, SSETranslator, UpstreamRequest, error_event, error_text
+from .base import bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, SSETranslator, UpstreamRequest
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -42,16 +41,12 @@ _THINKING = {"low": 1024, "medium": 2048, "high": 4096}
 _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
-def _bad(msg: str, param: str | None = None) -> HTTPError:
-    return HTTPError(400, msg, param=param, code="invalid_request_error")
-
-
 # -- request --------------------------------------------------------------------------------
 def _data_url(url: str, param: str) -> tuple[str, str]:
     """(media type, base64 data) of a data: URL."""
     head, sep, data = url.partition(",")
     if not sep or not head.endswith(";base64"):
-        raise _bad(f"{param}: a data URL must be base64 (data:<type>;base64,...).", param)
+        raise bad_request(f"{param}: a data URL must be base64 (data:<type>;base64,...).", param)
     return head[5:-7], data
 
 
@@ -59,23 +54,23 @@ def _image_block(part: dict, param: str) -> dict:
     iu = part.get("image_url")
     url = iu.get("url") if type(iu) is dict else iu
     if type(url) is not str or not url:
-        raise _bad(f"{param}.image_url.url is required.", param)
+        raise bad_request(f"{param}.image_url.url is required.", param)
     if url.startswith("data:"):
         media, data = _data_url(url, param)
         if media not in _IMAGE_TYPES:
-            raise _bad(f"{param}: image type {media!r} is not supported; use one of {', '.join(_IMAGE_TYPES)}.",
+            raise bad_request(f"{param}: image type {media!r} is not supported; use one of {', '.join(_IMAGE_TYPES)}.",
                        param)
         return {"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
-    raise _bad(f"{param}: image_url.url must be an http(s) or data: URL.", param)
+    raise bad_request(f"{param}: image_url.url must be an http(s) or data: URL.", param)
 
 
 def _file_block(part: dict, param: str) -> dict:
     f = part.get("file") if type(part.get("file")) is dict else {}
     data = f.get("file_data")
     if type(data) is not str or not data.startswith("data:"):
-        raise _bad(f"{param}: file parts need file.file_data as a data: URL.", param)
+        raise bad_request(f"{param}: file parts need file.file_data as a data: URL.", param)
     media, b64 = _data_url(data, param)
     return {"type": "document", "source": {"type": "base64", "media_type": media, "data": b64}}
 
@@ -87,17 +82,17 @@ def _blocks(content, param: str, allow_media: bool = True) -> list[dict]:
     if content is None:
         return []
     if type(content) is not list:
-        raise _bad(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
+        raise bad_request(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
     out = []
     for j, part in enumerate(content):
         p = f"{param}.content[{j}]"
         if type(part) is not dict:
-            raise _bad(f"{p} must be an object.", p)
+            raise bad_request(f"{p} must be an object.", p)
         t = part.get("type")
         if t == "text":
             text = part.get("text")
             if type(text) is not str:
-                raise _bad(f"{p}.text must be a string.", p)
+                raise bad_request(f"{p}.text must be a string.", p)
             if not text:
                 continue
             block = {"type": "text", "text": text}
@@ -106,7 +101,7 @@ def _blocks(content, param: str, allow_media: bool = True) -> list[dict]:
         elif t == "file" and allow_media:
             block = _file_block(part, p)
         else:
-            raise _bad(f"{p}: content part type {t!r} is not supported here.", p)
+            raise bad_request(f"{p}: content part type {t!r} is not supported here.", p)
         cc = part.get("cache_control")
         if cc:
             block["cache_control"] = cc
@@ -124,21 +119,21 @@ def _mark(blocks: list[dict], m: dict) -> None:
 def _tool_use(call: dict, param: str) -> dict:
     fn = call.get("function") if type(call) is dict else None
     if type(fn) is not dict or not fn.get("name"):
-        raise _bad(f"{param}.function.name is required.", param)
+        raise bad_request(f"{param}.function.name is required.", param)
     args = fn.get("arguments") or "{}"
     try:
         inp = orjson.loads(args) if type(args) is str else args
     except orjson.JSONDecodeError:
-        raise _bad(f"{param}.function.arguments is not valid JSON.", param) from None
+        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
     if type(inp) is not dict:
-        raise _bad(f"{param}.function.arguments must be a JSON object.", param)
+        raise bad_request(f"{param}.function.arguments must be a JSON object.", param)
     return {"type": "tool_use", "id": call.get("id") or "toolu_missing", "name": fn["name"], "input": inp}
 
 
 def _tool_result(m: dict, param: str) -> dict:
     tid = m.get("tool_call_id")
     if not tid:
-        raise _bad(f"{param}.tool_call_id is required for role 'tool'.", f"{param}.tool_call_id")
+        raise bad_request(f"{param}.tool_call_id is required for role 'tool'.", f"{param}.tool_call_id")
     content = m.get("content")
     block: dict = {"type": "tool_result", "tool_use_id": tid}
     if type(content) is str:
@@ -172,7 +167,7 @@ def _messages(msgs: list, out: dict) -> None:
             calls = m.get("tool_calls")
             if calls:
                 if type(calls) is not list:
-                    raise _bad(f"{p}.tool_calls must be a list.", f"{p}.tool_calls")
+                    raise bad_request(f"{p}.tool_calls must be a list.", f"{p}.tool_calls")
                 blocks += [_tool_use(c, f"{p}.tool_calls[{k}]") for k, c in enumerate(calls)]
             _mark(blocks, m)
             if not blocks:
@@ -186,13 +181,13 @@ def _messages(msgs: list, out: dict) -> None:
             system += blocks
             continue
         else:
-            raise _bad(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
+            raise bad_request(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
         if turns and turns[-1]["role"] == role:
             turns[-1]["content"] += blocks
         else:
             turns.append({"role": role, "content": blocks})
     if not turns:
-        raise _bad("messages must contain at least one user message besides system messages.", "messages")
+        raise bad_request("messages must contain at least one user message besides system messages.", "messages")
     if system:
         if len(system) == 1 and "cache_control" not in system[0]:
             out["system"] = system[0]["text"]
@@ -206,21 +201,17 @@ def _messages(msgs: list, out: dict) -> None:
 
 
 def _tools(body: dict, out: dict) -> None:
-    tools = body.get("tools")
+    tools = function_tools(body)
     if not tools:
         return
-    if type(tools) is not list:
-        raise _bad("tools must be a list.", "tools")
     conv = []
-    for k, t in enumerate(tools):
-        fn = t.get("function") if type(t) is dict else None
-        if t.get("type") != "function" or type(fn) is not dict or not fn.get("name"):
-            raise _bad(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", f"tools[{k}]")
+    for k, fn in tools:
         tool = {"name": fn["name"], "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
         if fn.get("description"):
             tool["description"] = fn["description"]
-        if t.get("cache_control"):
-            tool["cache_control"] = t["cache_control"]
+        cc = body["tools"][k].get("cache_control")
+        if cc:
+            tool["cache_control"] = cc
         conv.append(tool)
     out["tools"] = conv
     choice = body.get("tool_choice")
@@ -234,7 +225,7 @@ def _tools(body: dict, out: dict) -> None:
     elif type(choice) is dict and type(choice.get("function")) is dict and choice["function"].get("name"):
         tc = {"type": "tool", "name": choice["function"]["name"]}
     else:
-        raise _bad("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+        raise bad_request("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
                    "{'name': ...}}.", "tool_choice")
     if body.get("parallel_tool_calls") is False and tc["type"] != "none":
         tc["disable_parallel_tool_use"] = True
@@ -246,7 +237,7 @@ def _no_json_mode(route: Route, body: dict) -> None:
     """JSON modes have no Messages API counterpart here: refused rather than silently ignored."""
     rf = body.get("response_format")
     if type(rf) is dict and rf.get("type") not in (None, "text"):
-        raise _bad(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
+        raise bad_request(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
                    "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
 
 
@@ -254,7 +245,7 @@ def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
     """An OpenAI chat request (already validated by the pipeline) -> a Messages API request."""
     n = body.get("n")
     if n not in (None, 1):
-        raise _bad(f"n={n} is not supported for '{route.name}': Anthropic models return one choice.", "n")
+        raise bad_request(f"n={n} is not supported for '{route.name}': Anthropic models return one choice.", "n")
     _no_json_mode(route, body)
     out: dict = {"model": route.model.model}
     _messages(body["messages"], out)
@@ -309,7 +300,7 @@ def _headers(ep: Endpoint) -> list[tuple[bytes, bytes]]:
 
 def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
     if op != "chat":
-        raise _bad(f"'{route.name}' is an Anthropic model: it serves /chat/completions only.", "model")
+        raise bad_request(f"'{route.name}' is an Anthropic model: it serves /chat/completions only.", "model")
     return UpstreamRequest(PATH, _headers(ep), orjson.dumps(to_messages_body(route, body, stream)))
 
 
@@ -317,14 +308,8 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
 def usage_of(u: dict | None) -> dict:
     """Anthropic usage -> OpenAI usage (prompt_tokens includes cache reads and writes)."""
     u = u or {}
-    inp = u.get("input_tokens") or 0
-    read = u.get("cache_read_input_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    out = u.get("output_tokens") or 0
-    prompt = inp + read + write
-    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
-            "prompt_tokens_details": {"cached_tokens": read},
-            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
+    return cached_usage(u.get("input_tokens") or 0, u.get("cache_read_input_tokens") or 0,
+                        u.get("cache_creation_input_tokens") or 0, u.get("output_tokens") or 0)
 
 
 def to_chat_completion(msg: dict) -> dict:

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from cborg.asgi import HTTPError
+
 from ..catalog import ProviderConf, Route
 from ..upstream import Target
 
@@ -69,6 +71,37 @@ def error_event(message: str, code: str | None = None) -> bytes:
     """An OpenAI-shaped error inside a stream that has begun (what the openai SDK raises on)."""
     return b"data: " + orjson.dumps({"error": {"message": message, "type": "upstream_error", "param": None,
                                                "code": code}}) + b"\n\n"
+
+
+def bad_request(msg: str, param: str | None = None) -> HTTPError:
+    """A 400 for a request an upstream protocol cannot express (said before anything is sent)."""
+    return HTTPError(400, msg, param=param, code="invalid_request_error")
+
+
+def function_tools(body: dict) -> list[tuple[int, dict]]:
+    """The caller's `tools` as (index, function), checked to be OpenAI function tools."""
+    tools = body.get("tools")
+    if not tools:
+        return []
+    if type(tools) is not list:
+        raise bad_request("tools must be a list.", "tools")
+    out = []
+    for k, t in enumerate(tools):
+        fn = t.get("function") if type(t) is dict else None
+        if type(t) is not dict or t.get("type", "function") != "function" or type(fn) is not dict or not fn.get("name"):
+            raise bad_request(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.",
+                              f"tools[{k}]")
+        out.append((k, fn))
+    return out
+
+
+def cached_usage(inp: int, read: int, write: int, out: int) -> dict:
+    """OpenAI usage from a provider that counts cache reads and writes apart from other input
+    (Anthropic, Bedrock): prompt_tokens includes both, cached_tokens is the reads."""
+    prompt = inp + read + write
+    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+            "prompt_tokens_details": {"cached_tokens": read},
+            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
 
 
 def normalize_usage(usage: dict | None) -> dict:

@@ -29,7 +29,7 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from cborg.asgi import HTTPError
 
 from ..catalog import Route
-from .base import Endpoint, UpstreamRequest, error_event, error_text
+from .base import bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, UpstreamRequest
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -42,10 +42,6 @@ _NO_STREAM_TOOLS = ("meta.", "mistral.", "us.meta.", "eu.meta.", "us.mistral.", 
 _CACHE_POINT = {"cachePoint": {"type": "default"}}
 _MISSING = ("has no credentials on this gateway: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(+ AWS_SESSION_TOKEN), or AWS_PROFILE, or give it an IAM role")
-
-
-def _bad(msg: str, param: str | None = None) -> HTTPError:
-    return HTTPError(400, msg, param=param, code="invalid_request_error")
 
 
 # -- credentials ----------------------------------------------------------------------------
@@ -106,12 +102,12 @@ def _image_block(part: dict, param: str) -> dict:
     iu = part.get("image_url")
     url = iu.get("url") if type(iu) is dict else iu
     if type(url) is not str or not url.startswith("data:"):
-        raise _bad(f"{param}: Bedrock models take images inline: send image_url.url as a data: URL "
+        raise bad_request(f"{param}: Bedrock models take images inline: send image_url.url as a data: URL "
                    "(data:image/png;base64,...).", param)
     head, sep, data = url.partition(",")
     fmt = _IMAGE_FORMATS.get(head[5:].split(";")[0])
     if not sep or not head.endswith(";base64") or fmt is None:
-        raise _bad(f"{param}: images must be base64 data URLs of type png, jpeg, gif or webp.", param)
+        raise bad_request(f"{param}: images must be base64 data URLs of type png, jpeg, gif or webp.", param)
     return {"image": {"format": fmt, "source": {"bytes": data}}}
 
 
@@ -121,7 +117,7 @@ def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
     if content is None:
         return []
     if type(content) is not list:
-        raise _bad(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
+        raise bad_request(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
     out = []
     for j, part in enumerate(content):
         p = f"{param}.content[{j}]"
@@ -133,7 +129,7 @@ def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
         elif t == "image_url" and media:
             out.append(_image_block(part, p))
         else:
-            raise _bad(f"{p}: content part type {t!r} is not supported here.", p)
+            raise bad_request(f"{p}: content part type {t!r} is not supported here.", p)
         if cache and part.get("cache_control"):
             out.append(_CACHE_POINT)
     return out
@@ -142,19 +138,19 @@ def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
 def _tool_use(call: dict, param: str) -> dict:
     fn = call.get("function") if type(call) is dict else None
     if type(fn) is not dict or not fn.get("name"):
-        raise _bad(f"{param}.function.name is required.", param)
+        raise bad_request(f"{param}.function.name is required.", param)
     raw = fn.get("arguments") or "{}"
     try:
         inp = orjson.loads(raw) if type(raw) is str else raw
     except orjson.JSONDecodeError:
-        raise _bad(f"{param}.function.arguments is not valid JSON.", param) from None
+        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
     return {"toolUse": {"toolUseId": call.get("id") or "tooluse_missing", "name": fn["name"], "input": inp}}
 
 
 def _tool_result(m: dict, param: str) -> dict:
     tid = m.get("tool_call_id")
     if not tid:
-        raise _bad(f"{param}.tool_call_id is required for role 'tool'.", f"{param}.tool_call_id")
+        raise bad_request(f"{param}.tool_call_id is required for role 'tool'.", f"{param}.tool_call_id")
     content = m.get("content")
     if type(content) is list:
         content = "".join(x.get("text", "") for x in content if type(x) is dict)
@@ -184,7 +180,7 @@ def _messages(msgs: list, out: dict, cache: bool) -> None:
                 system.append(_CACHE_POINT)
             continue
         else:
-            raise _bad(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
+            raise bad_request(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
         if mark and blocks and blocks[-1] is not _CACHE_POINT:
             blocks.append(_CACHE_POINT)
         if turns and turns[-1]["role"] == role:
@@ -192,7 +188,7 @@ def _messages(msgs: list, out: dict, cache: bool) -> None:
         else:
             turns.append({"role": role, "content": blocks})
     if not turns or turns[0]["role"] != "user":
-        raise _bad("Bedrock conversations must start with a user message (after any system messages).",
+        raise bad_request("Bedrock conversations must start with a user message (after any system messages).",
                    "messages")
     if system:
         out["system"] = system
@@ -200,14 +196,11 @@ def _messages(msgs: list, out: dict, cache: bool) -> None:
 
 
 def _tools(body: dict, out: dict) -> None:
-    tools = body.get("tools")
+    tools = function_tools(body)
     if not tools:
         return
     specs = []
-    for k, t in enumerate(tools):
-        fn = t.get("function") if type(t) is dict else None
-        if type(fn) is not dict or not fn.get("name"):
-            raise _bad(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", f"tools[{k}]")
+    for k, fn in tools:
         spec = {"name": fn["name"],
                 "inputSchema": {"json": fn.get("parameters") or {"type": "object", "properties": {}}}}
         if fn.get("description"):
@@ -222,7 +215,7 @@ def _tools(body: dict, out: dict) -> None:
     elif choice == "auto":
         cfg["toolChoice"] = {"auto": {}}
     elif choice not in (None, "none"):
-        raise _bad("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+        raise bad_request("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
                    "{'name': ...}}.", "tool_choice")
     # "none": Converse has no such choice; the tools stay declared (earlier tool turns need them).
     out["toolConfig"] = cfg
@@ -230,10 +223,10 @@ def _tools(body: dict, out: dict) -> None:
 
 def to_converse_body(route: Route, body: dict) -> dict:
     if body.get("n") not in (None, 1):
-        raise _bad(f"n={body['n']} is not supported for '{route.name}': Bedrock models return one choice.", "n")
+        raise bad_request(f"n={body['n']} is not supported for '{route.name}': Bedrock models return one choice.", "n")
     rf = body.get("response_format")
     if type(rf) is dict and rf.get("type") not in (None, "text"):
-        raise _bad(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
+        raise bad_request(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
                    "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
     out: dict = {}
     _messages(body["messages"], out, route.model.supports_prompt_caching)
@@ -262,7 +255,7 @@ def streams_tools(model_id: str) -> bool:
 
 def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
     if op != "chat":
-        raise _bad(f"'{route.name}' is a Bedrock model: it serves /chat/completions only.", "model")
+        raise bad_request(f"'{route.name}' is a Bedrock model: it serves /chat/completions only.", "model")
     conv = to_converse_body(route, body)
     model = route.model.model
     use_stream = stream and ("toolConfig" not in conv or streams_tools(model))
@@ -275,14 +268,8 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
 # -- response -------------------------------------------------------------------------------
 def usage_of(u: dict | None) -> dict:
     u = u or {}
-    inp = u.get("inputTokens") or 0
-    read = u.get("cacheReadInputTokens") or 0
-    write = u.get("cacheWriteInputTokens") or 0
-    out = u.get("outputTokens") or 0
-    prompt = inp + read + write
-    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
-            "prompt_tokens_details": {"cached_tokens": read},
-            "cache_creation_input_tokens": write, "cache_read_input_tokens": read}
+    return cached_usage(u.get("inputTokens") or 0, u.get("cacheReadInputTokens") or 0,
+                        u.get("cacheWriteInputTokens") or 0, u.get("outputTokens") or 0)
 
 
 def _new_id() -> str:

@@ -21,11 +21,10 @@ import time
 
 import orjson
 
-from cborg.asgi import HTTPError
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, SSETranslator, UpstreamRequest, error_event, error_text
+from .base import bad_request, Endpoint, error_event, error_text, function_tools, SSETranslator, UpstreamRequest
 
 API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
@@ -33,10 +32,6 @@ FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "SAFETY": "content_filter", "R
           "BLOCKLIST": "content_filter", "PROHIBITED_CONTENT": "content_filter", "SPII": "content_filter",
           "IMAGE_SAFETY": "content_filter", "LANGUAGE": "content_filter"}
 _THINKING = {"minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
-
-
-def _bad(msg: str, param: str | None = None) -> HTTPError:
-    return HTTPError(400, msg, param=param, code="invalid_request_error")
 
 
 def _call_id() -> str:
@@ -48,11 +43,11 @@ def _image_part(part: dict, param: str) -> dict:
     iu = part.get("image_url")
     url = iu.get("url") if type(iu) is dict else iu
     if type(url) is not str or not url.startswith("data:"):
-        raise _bad(f"{param}: Gemini models take images inline: send image_url.url as a data: URL "
+        raise bad_request(f"{param}: Gemini models take images inline: send image_url.url as a data: URL "
                    "(data:image/png;base64,...).", param)
     head, sep, data = url.partition(",")
     if not sep or not head.endswith(";base64"):
-        raise _bad(f"{param}: a data URL must be base64.", param)
+        raise bad_request(f"{param}: a data URL must be base64.", param)
     return {"inlineData": {"mimeType": head[5:-7], "data": data}}
 
 
@@ -62,7 +57,7 @@ def _parts(content, param: str) -> list[dict]:
     if content is None:
         return []
     if type(content) is not list:
-        raise _bad(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
+        raise bad_request(f"{param}.content must be a string or a list of content parts.", f"{param}.content")
     out = []
     for j, part in enumerate(content):
         p = f"{param}.content[{j}]"
@@ -77,24 +72,24 @@ def _parts(content, param: str) -> list[dict]:
             data = f.get("file_data") or ""
             head, sep, b64 = data.partition(",")
             if not data.startswith("data:") or not sep:
-                raise _bad(f"{p}: file parts need file.file_data as a data: URL.", p)
+                raise bad_request(f"{p}: file parts need file.file_data as a data: URL.", p)
             out.append({"inlineData": {"mimeType": head[5:].split(";")[0], "data": b64}})
         else:
-            raise _bad(f"{p}: content part type {t!r} is not supported here.", p)
+            raise bad_request(f"{p}: content part type {t!r} is not supported here.", p)
     return out
 
 
 def _args(call: dict, param: str) -> tuple[str, dict]:
     fn = call.get("function") if type(call) is dict else None
     if type(fn) is not dict or not fn.get("name"):
-        raise _bad(f"{param}.function.name is required.", param)
+        raise bad_request(f"{param}.function.name is required.", param)
     raw = fn.get("arguments") or "{}"
     try:
         args = orjson.loads(raw) if type(raw) is str else raw
     except orjson.JSONDecodeError:
-        raise _bad(f"{param}.function.arguments is not valid JSON.", param) from None
+        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
     if type(args) is not dict:
-        raise _bad(f"{param}.function.arguments must be a JSON object.", param)
+        raise bad_request(f"{param}.function.arguments must be a JSON object.", param)
     return fn["name"], args
 
 
@@ -122,7 +117,7 @@ def _contents(msgs: list, out: dict) -> None:
             tid = m.get("tool_call_id")
             name = names.get(tid) or m.get("name")
             if not name:
-                raise _bad(f"{p}.tool_call_id {tid!r} does not match a tool call of an earlier assistant "
+                raise bad_request(f"{p}.tool_call_id {tid!r} does not match a tool call of an earlier assistant "
                            "message.", f"{p}.tool_call_id")
             content = m.get("content")
             if type(content) is list:
@@ -140,27 +135,24 @@ def _contents(msgs: list, out: dict) -> None:
             system += _parts(m.get("content"), p)
             continue
         else:
-            raise _bad(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
+            raise bad_request(f"{p}.role {role!r} is not supported; use system, user, assistant or tool.", f"{p}.role")
         if contents and contents[-1]["role"] == role:
             contents[-1]["parts"] += parts
         else:
             contents.append({"role": role, "parts": parts})
     if not contents:
-        raise _bad("messages must contain at least one user message besides system messages.", "messages")
+        raise bad_request("messages must contain at least one user message besides system messages.", "messages")
     if system:
         out["systemInstruction"] = {"parts": system}
     out["contents"] = contents
 
 
 def _tools(body: dict, out: dict) -> None:
-    tools = body.get("tools")
+    tools = function_tools(body)
     if not tools:
         return
     decls = []
-    for k, t in enumerate(tools):
-        fn = t.get("function") if type(t) is dict else None
-        if type(fn) is not dict or not fn.get("name"):
-            raise _bad(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", f"tools[{k}]")
+    for k, fn in tools:
         d = {"name": fn["name"]}
         if fn.get("description"):
             d["description"] = fn["description"]
@@ -178,7 +170,7 @@ def _tools(body: dict, out: dict) -> None:
     elif type(choice) is dict and type(choice.get("function")) is dict and choice["function"].get("name"):
         cfg = {"mode": "ANY", "allowedFunctionNames": [choice["function"]["name"]]}
     else:
-        raise _bad("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+        raise bad_request("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
                    "{'name': ...}}.", "tool_choice")
     out["toolConfig"] = {"functionCallingConfig": cfg}
 
@@ -224,7 +216,7 @@ def to_gemini_body(route: Route, body: dict) -> dict:
 
 def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
     if op != "chat":
-        raise _bad(f"'{route.name}' is a Gemini model: it serves /chat/completions only.", "model")
+        raise bad_request(f"'{route.name}' is a Gemini model: it serves /chat/completions only.", "model")
     h = ep.extra.get("headers")
     if h is None:
         h = [(b"content-type", b"application/json")]
