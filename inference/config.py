@@ -41,7 +41,11 @@ class NodeConf(_Strict):
     gpus: Literal["auto"] | list[GPUConf] = "auto"   # auto: read nvidia-smi; [] for none
     log_dir: str | None = None                 # engine logs (default $CBORG_HOME/logs/NODE)
     drain_timeout_s: float = Field(120.0, ge=0)   # longest wait for in-flight requests on unload/swap
-    drain_grace_s: float = Field(2.0, ge=0)       # time for every gateway to stop sending new requests
+    # Time for every gateway to stop sending new requests before an unload waits out the in-flight
+    # ones: gateways poll every 2 s (CBORG_NODE_POLL_S), so a replica that polled just before the
+    # drain began learns of it about 2 s later, plus its poll's own time; 5 s leaves a margin for a
+    # slow poll. Raise it with the poll interval.
+    drain_grace_s: float = Field(5.0, ge=0)
 
     @field_validator("url")
     @classmethod

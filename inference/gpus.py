@@ -3,7 +3,8 @@
 Each deployment on GPUs declares `gpu_memory`, the share of each of its GPUs it may take (vLLM's
 --gpu-memory-utilization). The shares of the deployments holding a GPU (loading, ready or
 draining) must not add up to more than 1. Where nvidia-smi answers, the memory actually free is
-checked as well, since processes outside CBorg may hold some.
+checked as well, since processes outside CBorg may hold some. nvidia-smi takes up to seconds:
+the node calls free_gib in a thread, off its event loop.
 """
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def free_gib() -> dict[int, float] | None:
 
 
 def refusal(dep: DeploymentConf, gpus: list[GPU], holders: Iterable[DeploymentConf],
-            releasing: Iterable[DeploymentConf] = ()) -> str | None:
-    """Why `dep` cannot load next to `holders` (None: it can). `releasing` will have let go by then."""
+            releasing: Iterable[DeploymentConf] = (), free: dict[int, float] | None = None) -> str | None:
+    """Why `dep` cannot load next to `holders` (None: it can). `releasing` will have let go by then;
+    `free` is free_gib()'s answer (None: the declared shares alone)."""
     if not dep.gpus:
         return None
     have = {g.index: g for g in gpus}
@@ -70,12 +72,11 @@ def refusal(dep: DeploymentConf, gpus: list[GPU], holders: Iterable[DeploymentCo
             return (f"cannot load {dep.name}: GPU {i} would be over-committed: {who} already hold "
                     f"{used:g} of its {have[i].memory_gib:g} GiB and {dep.name} needs {need:g}; "
                     "unload or swap one of them first")
-    live = free_gib()
-    if live:
+    if free:
         for i in dep.gpus:
             want = need * have[i].memory_gib
             releasing_here = sum((d.gpu_memory or 0.0) * have[i].memory_gib for d in releasing if i in d.gpus)
-            if i in live and live[i] + releasing_here + 0.5 < want:
-                return (f"cannot load {dep.name}: GPU {i} has {live[i]:.1f} GiB free and {dep.name} needs "
+            if i in free and free[i] + releasing_here + 0.5 < want:
+                return (f"cannot load {dep.name}: GPU {i} has {free[i]:.1f} GiB free and {dep.name} needs "
                         f"{want:.1f} GiB (memory held outside CBorg?)")
     return None

@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlsplit
 
 from cborg.asgi import App, HTTPError, Request, json_response
@@ -61,6 +62,11 @@ class Node:
     def _holders(self) -> list[DeploymentConf]:
         return [p.dep for p in self.procs.values() if p.active]
 
+    async def _refusal(self, dep: DeploymentConf, releasing: Iterable[DeploymentConf] = ()) -> str | None:
+        """gpus.refusal, with nvidia-smi run in a thread: status and health keep answering meanwhile."""
+        free = await asyncio.to_thread(gpu_mod.free_gib) if dep.gpus else None
+        return gpu_mod.refusal(dep, self.gpus, self._holders(), releasing, free)
+
     def _find(self, body: dict) -> list[EngineProcess]:
         """The deployments a load/unload names: `deployment`, or every deployment of `model` here."""
         name = body.get("deployment")
@@ -97,7 +103,7 @@ class Node:
             for p in ps:
                 if p.active:
                     continue
-                why = gpu_mod.refusal(p.dep, self.gpus, self._holders())
+                why = await self._refusal(p.dep)
                 if why:
                     raise HTTPError(409, why, code="gpu_over_committed")
                 p.start()
@@ -125,7 +131,7 @@ class Node:
             if new.active:
                 raise HTTPError(409, f"Deployment {to} is already {new.state}.", code="already_loaded")
             old = [p for p in self.procs.values() if p.dep.model == model and p.active]
-            why = gpu_mod.refusal(new.dep, self.gpus, self._holders(), releasing=[p.dep for p in old])
+            why = await self._refusal(new.dep, releasing=[p.dep for p in old])
             if why:
                 raise HTTPError(409, why, code="gpu_over_committed")
             for p in old:

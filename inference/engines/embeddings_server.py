@@ -4,9 +4,10 @@ Input shapes follow the OpenAI API: a string, or a list of strings (token arrays
 with a 400). The shape also says what the text is, as the CBorg docs require for
 lbl/nomic-embed-text: a single string is a search query (`query_prefix` goes before it), a
 list holds documents (`document_prefix` before each). `dimensions` truncates a Matryoshka
-model's vector and re-normalizes it; other models refuse it. An input longer than the model's
-limit is a 400 naming the limit, unless the deployment truncates. `encoding_format` base64 is
-the little-endian float32 bytes, which the openai SDK asks for by default and decodes.
+model's vector and re-normalizes it; other models refuse it, except their own size, which every
+model takes as OpenAI's do (normalized, like a truncated vector). An input longer than the
+model's limit is a 400 naming the limit, unless the deployment truncates. `encoding_format`
+base64 is the little-endian float32 bytes, which the openai SDK asks for by default and decodes.
 
     python -m inference.engines.embeddings_server --spec FILE    (the node starts it)
 """
@@ -123,6 +124,7 @@ class EmbeddingsEngine:
         raise HTTPError(400, "'input' must be a string or a non-empty list of strings.", param="input")
 
     def dimensions(self, body: dict) -> int | None:
+        """The size to cut vectors to and re-normalize; None: as the model gives them."""
         d = body.get("dimensions")
         if d is None:
             return None
@@ -130,7 +132,7 @@ class EmbeddingsEngine:
             raise HTTPError(400, "'dimensions' must be a positive integer.", param="dimensions")
         full = self.model.dim
         if d == full:
-            return None
+            return d
         lo = self.conf.matryoshka_min_dimensions
         if lo is None:
             raise HTTPError(400, f"The model '{self.public}' ({self.name}) has fixed {full}-dimensional embeddings: "

@@ -2,10 +2,12 @@
 
 One request generates at a time (a single worker thread: a CPU has no spare capacity for two,
 and interleaving would only slow both); the others wait in a bounded queue, and when it is
-full the engine answers 503 with retry-after. Stop strings are matched on the decoded text and
-cut from it; text that could still become a stop string is held back from the stream until it
-is known not to. Usage counts the tokenizer's tokens: the prompt as the chat template renders
-it, and every generated token (an end-of-turn token included, as vLLM counts it).
+full the engine answers 503 with retry-after. A client that goes away, streaming or not, stops
+its generation at the next token, so that it does not hold the worker for its max_tokens. Stop
+strings are matched on the decoded text and cut from it; text that could still become a stop
+string is held back from the stream until it is known not to. Usage counts the tokenizer's
+tokens: the prompt as the chat template renders it, and every generated token (an end-of-turn
+token included, as vLLM counts it).
 
     python -m inference.engines.transformers_server --spec FILE    (the node starts it)
 """
@@ -20,7 +22,7 @@ from typing import Any, AsyncIterator, Callable
 
 import orjson
 
-from cborg.asgi import HTTPError, Request, StreamResponse, json_response
+from cborg.asgi import CancelOnDisconnect, HTTPError, Request, StreamResponse, json_response
 
 from .causal_lm import CausalLM, Sampling
 from .server import KeyCheck, Spec, base_app, field, new_id, now, serve
@@ -204,10 +206,13 @@ class TransformersEngine:
         rid = new_id("chatcmpl" if op == "chat" else "cmpl")
         if not stream:
             run = Run(ids, sampling, stops, None)
+            fut = loop.run_in_executor(self.worker, run, self.lm)
+            fut.add_done_callback(lambda f: self.release())   # when the worker is really free
             try:
-                await loop.run_in_executor(self.worker, run, self.lm)
-            finally:
-                self.release()
+                await asyncio.shield(fut)
+            except asyncio.CancelledError:   # the client went away (CancelOnDisconnect): stop generating
+                run.cancel.set()
+                raise
             return json_response(self._body(op, rid, run, len(ids)))
         q: asyncio.Queue = asyncio.Queue()
         run = Run(ids, sampling, stops, lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
@@ -273,11 +278,15 @@ def build_app(spec: Spec):
 
     async def chat(req: Request):
         check(req)
-        return await engine.complete("chat", await _json(req))
+        body = await _json(req)
+        with CancelOnDisconnect(req):
+            return await engine.complete("chat", body)
 
     async def completions(req: Request):
         check(req)
-        return await engine.complete("completions", await _json(req))
+        body = await _json(req)
+        with CancelOnDisconnect(req):
+            return await engine.complete("completions", body)
 
     async def models(req: Request):
         check(req)

