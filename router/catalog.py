@@ -73,6 +73,7 @@ class ModelConf(_Strict):
     supports_prompt_caching: bool = False
     supports_system_messages: bool = True
     supports_reasoning: bool = False
+    supports_reasoning_effort: bool | None = None   # None: as supports_reasoning (o1-mini says false)
     price: Price = Price()
     aliases: list[str] = []
     params: dict[str, Any] = {}          # defaults applied when the caller leaves them out

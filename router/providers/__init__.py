@@ -28,9 +28,8 @@ def make_endpoint(name: str, conf: ProviderConf, model: ModelConf | None = None,
         or (env.get(conf.base_url_env) if conf.base_url_env else None) or conf.base_url
     key_var = (model.api_key_env if model and model.api_key_env else None) or conf.api_key_env
     api_key = env.get(key_var) if key_var else None
-    region = (env.get(conf.region_env) if conf.region_env else None) or conf.region
-    if conf.protocol == "bedrock":
-        region = region or env.get("AWS_DEFAULT_REGION")
+    region = (env.get(conf.region_env) if conf.region_env else None) or \
+        (adapter("bedrock").sdk_region(env) if conf.protocol == "bedrock" else None) or conf.region
     ep = Endpoint(provider=name, conf=conf, target=None, api_key=api_key or None, region=region)
     if conf.protocol == "bedrock":
         # Credentials are resolved at first use (router/providers/bedrock.py: prepare), from these

@@ -9,6 +9,8 @@ Pure translations, no I/O (the pipeline does that):
   `tool_use` and `tool_result` blocks; `stop` -> `stop_sequences`; a default `max_tokens` (4,096,
   or the model's `params`) when the caller gives none. OpenAI-only parameters the Messages API would
   reject (seed, penalties, logprobs...) are dropped; `n` > 1 and JSON `response_format` are refused.
+  Blank text is left out (the API refuses empty and whitespace-only text blocks); a user message
+  left with nothing says "(empty)", as OpenAI takes an empty message.
 - `to_chat_completion`: a Message -> an OpenAI chat completion.
 - `AnthropicStream`: Messages stream events -> OpenAI chunks, tool-call arguments in order.
 Usage follows the OpenAI convention the accounting uses: `prompt_tokens` = input + cache read +
@@ -24,7 +26,8 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, SSETranslator, UpstreamRequest
+from .base import (EMPTY_TEXT, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, scrub,
+                   SSETranslator, ToolCallChunks, UpstreamRequest)
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -76,9 +79,9 @@ def _file_block(part: dict, param: str) -> dict:
 
 
 def _blocks(content, param: str, allow_media: bool = True) -> list[dict]:
-    """OpenAI message content (string or parts) -> Anthropic content blocks (empty text left out)."""
+    """OpenAI message content (string or parts) -> Anthropic content blocks (blank text left out)."""
     if type(content) is str:
-        return [{"type": "text", "text": content}] if content else []
+        return [{"type": "text", "text": content}] if content.strip() else []
     if content is None:
         return []
     if type(content) is not list:
@@ -93,7 +96,7 @@ def _blocks(content, param: str, allow_media: bool = True) -> list[dict]:
             text = part.get("text")
             if type(text) is not str:
                 raise bad_request(f"{p}.text must be a string.", p)
-            if not text:
+            if not text.strip():
                 continue
             block = {"type": "text", "text": text}
         elif t == "image_url" and allow_media:
@@ -137,7 +140,7 @@ def _tool_result(m: dict, param: str) -> dict:
     content = m.get("content")
     block: dict = {"type": "tool_result", "tool_use_id": tid}
     if type(content) is str:
-        if content:
+        if content.strip():
             block["content"] = content
     else:
         parts = _blocks(content, param)
@@ -157,7 +160,7 @@ def _messages(msgs: list, out: dict) -> None:
         p = f"messages[{i}]"
         if role == "user":
             content = m.get("content")
-            if type(content) is str and not m.get("cache_control"):
+            if type(content) is str and content.strip() and not m.get("cache_control"):
                 blocks = [{"type": "text", "text": content}]
             else:
                 blocks = _blocks(content, p)
@@ -188,6 +191,9 @@ def _messages(msgs: list, out: dict) -> None:
             turns.append({"role": role, "content": blocks})
     if not turns:
         raise bad_request("messages must contain at least one user message besides system messages.", "messages")
+    for t in turns:   # an empty user message: OpenAI takes it, the Messages API needs some text
+        if not t["content"]:
+            t["content"] = [{"type": "text", "text": EMPTY_TEXT}]
     if system:
         if len(system) == 1 and "cache_control" not in system[0]:
             out["system"] = system[0]["text"]
@@ -349,11 +355,11 @@ def error_message(status: int, data: bytes) -> str:
 
 
 # -- stream ---------------------------------------------------------------------------------
-class AnthropicStream(SSETranslator):
+class AnthropicStream(SSETranslator, ToolCallChunks):
     """Messages stream events -> OpenAI chat.completion.chunk events (framed SSE bytes)."""
 
     provider = "Anthropic"
-    __slots__ = ("_sse", "usage", "template", "error", "_head", "_tools", "_finish", "_raw")
+    __slots__ = ("_sse", "usage", "template", "error", "_head", "_tools", "_argless", "_finish", "_raw")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -362,12 +368,9 @@ class AnthropicStream(SSETranslator):
         self.error: str | None = None
         self._head = b""                      # the chunk prefix: id, object, created, model
         self._tools: dict[int, int] = {}      # content block index -> OpenAI tool_calls index
+        self._argless: set[int] = set()       # tool blocks open with no argument sent yet
         self._finish: str | None = None
         self._raw: dict = {}                  # Anthropic usage as reported so far
-
-    def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
-        return (b"data: " + self._head + b'"choices":[{"index":0,"delta":' + delta
-                + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n")
 
     def _event(self, raw: bytes, out: list[bytes]) -> None:
         _, payload = parse_event(raw)
@@ -381,11 +384,7 @@ class AnthropicStream(SSETranslator):
             if dt == "text_delta":
                 out.append(self._chunk(b'{"content":' + orjson.dumps(d.get("text", "")) + b"}"))
             elif dt == "input_json_delta":
-                pj = d.get("partial_json")
-                k = self._tools.get(ev.get("index"))
-                if pj and k is not None:
-                    out.append(self._chunk(b'{"tool_calls":[{"index":%d,"function":{"arguments":' % k
-                                           + orjson.dumps(pj) + b"}}]}"))
+                self._tool_piece(ev.get("index"), d.get("partial_json"), out)
             elif dt == "thinking_delta":
                 out.append(self._chunk(b'{"reasoning_content":' + orjson.dumps(d.get("thinking", "")) + b"}"))
         elif t == "message_start":
@@ -399,12 +398,11 @@ class AnthropicStream(SSETranslator):
         elif t == "content_block_start":
             cb = ev.get("content_block") or {}
             if cb.get("type") == "tool_use":
-                k = self._tools[ev.get("index")] = len(self._tools)
-                head = {"index": k, "id": cb.get("id"), "type": "function",
-                        "function": {"name": cb.get("name"), "arguments": ""}}
-                out.append(self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}"))
+                out.append(self._tool_start(ev.get("index"), cb.get("id"), cb.get("name")))
             elif cb.get("type") == "text" and cb.get("text"):
                 out.append(self._chunk(b'{"content":' + orjson.dumps(cb["text"]) + b"}"))
+        elif t == "content_block_stop":
+            self._block_stop(ev.get("index"), out)
         elif t == "message_delta":
             d = ev.get("delta") or {}
             u = ev.get("usage")
@@ -416,10 +414,10 @@ class AnthropicStream(SSETranslator):
                 out.append(self._chunk(b"{}", b'"' + self._finish.encode() + b'"'))
         elif t == "error":
             err = ev.get("error") or {}
-            self.error = f"{err.get('type', 'error')}: {err.get('message', '')}"
-            out.append(error_event(f"Anthropic stream error ({err.get('type', 'error')}): {err.get('message', '')}",
-                                   err.get("type")))
-        # ping, content_block_stop, message_stop: nothing to say
+            kind, message = err.get("type", "error"), scrub(str(err.get("message", "")))
+            self.error = f"{kind}: {message}"
+            out.append(error_event(f"Anthropic stream error ({kind}): {message}", err.get("type")))
+        # ping, message_stop: nothing to say
 
 
 def stream(route: Route, op: str) -> AnthropicStream:

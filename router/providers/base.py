@@ -156,8 +156,46 @@ def error_text(data: bytes, limit: int = 500) -> str:
     return data[:limit].decode("utf-8", "replace")
 
 
+EMPTY_TEXT = "(empty)"   # the text of a user turn that has none: the APIs refuse blank text, OpenAI takes it
+
+
+class ToolCallChunks:
+    """OpenAI chat.completion.chunk events for translators whose upstream streams content blocks
+    (Anthropic, Bedrock). Subclasses hold `_head` (the chunk prefix: id, object, created, model),
+    `_tools` (block index -> OpenAI tool_calls index) and `_argless` (tool blocks with no argument
+    piece yet). Tool calls are numbered in order and their arguments streamed as they come; a call
+    that got none is closed with "{}", as the non-streamed answer gives it (json.loads("") fails)."""
+
+    __slots__ = ()
+
+    def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        return (b"data: " + self._head + b'"choices":[{"index":0,"delta":' + delta
+                + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n")
+
+    def _arguments(self, k: int, piece: str) -> bytes:
+        return self._chunk(b'{"tool_calls":[{"index":%d,"function":{"arguments":' % k + orjson.dumps(piece)
+                           + b"}}]}")
+
+    def _tool_start(self, i, call_id, name) -> bytes:
+        k = self._tools[i] = len(self._tools)
+        self._argless.add(i)
+        head = {"index": k, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}")
+
+    def _tool_piece(self, i, piece: str | None, out: list[bytes]) -> None:
+        k = self._tools.get(i)
+        if piece and k is not None:
+            self._argless.discard(i)
+            out.append(self._arguments(k, piece))
+
+    def _block_stop(self, i, out: list[bytes]) -> None:
+        if i in self._argless:
+            self._argless.discard(i)
+            out.append(self._arguments(self._tools[i], "{}"))
+
+
 class SSETranslator:
-    """Base of the translators whose upstream streams SSE (Anthropic, Gemini): frames the events,
+    """Base of the translators whose upstream streams SSE (Anthropic, Gemini, OpenAI): frames the events,
     hands each to `_event`, and relays nothing after an error (a broken event becomes one)."""
 
     __slots__ = ()

@@ -12,12 +12,18 @@ prompt caching (others reject cachePoint). Usage: Bedrock's `inputTokens` exclud
 writes, so `prompt_tokens` = input + cacheRead + cacheWrite, `cached_tokens` = cacheRead.
 Meta and Mistral models do not support tool use in ConverseStream: a streamed request with tools
 for them goes to Converse, and the translator turns the one answer into chunks.
+Tools: Bedrock refuses toolUse/toolResult blocks without a toolConfig, so a follow-up that leaves
+`tools` out gets a placeholder tool (as LiteLLM does). Converse has no "none" tool choice: with
+`tool_choice: "none"` the tools are left out, unless the conversation already holds tool blocks
+(then they stay declared, and the model may still call one). `required` and a named tool are
+refused here for the models whose Converse support lacks them (Bedrock's ToolChoice reference).
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+from collections.abc import Mapping
 from urllib.parse import quote
 
 import orjson
@@ -29,7 +35,8 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from cborg.asgi import HTTPError
 
 from ..catalog import Route
-from .base import bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, UpstreamRequest
+from .base import (EMPTY_TEXT, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, scrub,
+                   ToolCallChunks, UpstreamRequest)
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -37,14 +44,39 @@ FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls",
           "content_filtered": "content_filter"}
 _IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg", "image/gif": "gif",
                   "image/webp": "webp"}
-# Model id prefixes whose Converse support has no tool use while streaming (AWS's model feature table).
-_NO_STREAM_TOOLS = ("meta.", "mistral.", "us.meta.", "eu.meta.", "us.mistral.", "eu.mistral.")
+# Model families (ids without a cross-region prefix) by what their Converse support lacks or has:
+# no tool use while streaming (AWS's model feature table); toolChoice `any` and `tool` (ToolChoice).
+_NO_STREAM_TOOLS = ("meta.", "mistral.")
+_CHOICE_ANY = ("anthropic.", "mistral.mistral-large", "amazon.nova")
+_CHOICE_TOOL = ("anthropic.", "amazon.nova")
+_REGION_PREFIXES = ("us.", "eu.", "apac.", "us-gov.", "global.", "jp.", "au.", "sa.", "amer.")
+_PLACEHOLDER_TOOL = {"toolSpec": {"name": "dummy_tool", "description": "Placeholder: Bedrock needs a tool "
+                                  "declared when the conversation holds tool calls. Never call it.",
+                                  "inputSchema": {"json": {"type": "object", "properties": {}}}}}
 _CACHE_POINT = {"cachePoint": {"type": "default"}}
 _MISSING = ("has no credentials on this gateway: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(+ AWS_SESSION_TOKEN), or AWS_PROFILE, or give it an IAM role")
 
 
-# -- credentials ----------------------------------------------------------------------------
+# -- region and credentials -----------------------------------------------------------------
+def sdk_region(env: Mapping[str, str]) -> str | None:
+    """The region as the AWS SDKs find it: AWS_REGION, AWS_DEFAULT_REGION, then the region of the
+    profile (AWS_PROFILE, else default) in the config file (AWS_CONFIG_FILE, else ~/.aws/config).
+    It reads a file: for start-up (make_endpoint), not the event loop."""
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if region:
+        return region
+    import botocore.session
+    from botocore.exceptions import BotoCoreError
+    session = botocore.session.Session(profile=env.get("AWS_PROFILE") or "default")
+    if env.get("AWS_CONFIG_FILE"):
+        session.set_config_variable("config_file", env["AWS_CONFIG_FILE"])
+    try:
+        return session.get_scoped_config().get("region") or None
+    except BotoCoreError:     # no such profile, an unreadable file
+        return None
+
+
 def _resolve(ep: Endpoint):
     """Static keys from the gateway's environment, else botocore's default chain (may block)."""
     env = ep.extra.get("aws_env") or {}
@@ -112,8 +144,9 @@ def _image_block(part: dict, param: str) -> dict:
 
 
 def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
+    """OpenAI content -> Converse blocks; blank text is left out (Converse refuses it)."""
     if type(content) is str:
-        return [{"text": content}] if content else []
+        return [{"text": content}] if content.strip() else []
     if content is None:
         return []
     if type(content) is not list:
@@ -123,7 +156,7 @@ def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
         p = f"{param}.content[{j}]"
         t = part.get("type") if type(part) is dict else None
         if t == "text":
-            if not part.get("text"):
+            if not str(part.get("text") or "").strip():
                 continue
             out.append({"text": part["text"]})
         elif t == "image_url" and media:
@@ -154,7 +187,7 @@ def _tool_result(m: dict, param: str) -> dict:
     content = m.get("content")
     if type(content) is list:
         content = "".join(x.get("text", "") for x in content if type(x) is dict)
-    return {"toolResult": {"toolUseId": tid, "content": [{"text": content or "(empty)"}]}}
+    return {"toolResult": {"toolUseId": tid, "content": [{"text": content if (content or "").strip() else EMPTY_TEXT}]}}
 
 
 def _messages(msgs: list, out: dict, cache: bool) -> None:
@@ -190,35 +223,59 @@ def _messages(msgs: list, out: dict, cache: bool) -> None:
     if not turns or turns[0]["role"] != "user":
         raise bad_request("Bedrock conversations must start with a user message (after any system messages).",
                    "messages")
+    for t in turns:   # an empty user message (OpenAI takes one; Converse refuses empty content)
+        if not t["content"]:
+            t["content"] = [{"text": EMPTY_TEXT}]
     if system:
         out["system"] = system
     out["messages"] = turns
 
 
-def _tools(body: dict, out: dict) -> None:
-    tools = function_tools(body)
-    if not tools:
-        return
-    specs = []
-    for k, fn in tools:
-        spec = {"name": fn["name"],
-                "inputSchema": {"json": fn.get("parameters") or {"type": "object", "properties": {}}}}
-        if fn.get("description"):
-            spec["description"] = fn["description"]
-        specs.append({"toolSpec": spec})
-    cfg: dict = {"tools": specs}
-    choice = body.get("tool_choice")
+def _family(model_id: str) -> str:
+    """A model id without its cross-region inference prefix (us.anthropic.x -> anthropic.x)."""
+    head, dot, rest = model_id.partition(".")
+    return rest if dot and head + "." in _REGION_PREFIXES else model_id
+
+
+def _tool_choice(route: Route, choice) -> dict | None:
+    """Converse's toolChoice for OpenAI's tool_choice; None: Converse's default, auto."""
+    if choice in (None, "auto", "none"):
+        return None
+    family = _family(route.model.model)
     if choice == "required":
-        cfg["toolChoice"] = {"any": {}}
-    elif type(choice) is dict and type(choice.get("function")) is dict and choice["function"].get("name"):
-        cfg["toolChoice"] = {"tool": {"name": choice["function"]["name"]}}
-    elif choice == "auto":
-        cfg["toolChoice"] = {"auto": {}}
-    elif choice not in (None, "none"):
-        raise bad_request("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
-                   "{'name': ...}}.", "tool_choice")
-    # "none": Converse has no such choice; the tools stay declared (earlier tool turns need them).
-    out["toolConfig"] = cfg
+        if family.startswith(_CHOICE_ANY):
+            return {"any": {}}
+        raise bad_request(f"tool_choice 'required' is not supported for '{route.name}': Bedrock offers it for "
+                          "Anthropic, Mistral Large and Amazon Nova models only; use 'auto'.", "tool_choice")
+    if type(choice) is dict and type(choice.get("function")) is dict and choice["function"].get("name"):
+        if family.startswith(_CHOICE_TOOL):
+            return {"tool": {"name": choice["function"]["name"]}}
+        raise bad_request(f"a named tool_choice is not supported for '{route.name}': Bedrock offers it for "
+                          "Anthropic and Amazon Nova models only; use 'auto'.", "tool_choice")
+    raise bad_request("tool_choice must be 'auto', 'required', 'none' or {'type': 'function', 'function': "
+               "{'name': ...}}.", "tool_choice")
+
+
+def _tools(route: Route, body: dict, out: dict) -> None:
+    tools = function_tools(body)
+    choice = body.get("tool_choice")
+    history = any("toolUse" in b or "toolResult" in b for t in out["messages"] for b in t["content"])
+    if tools and (choice != "none" or history):
+        specs = []
+        for k, fn in tools:
+            spec = {"name": fn["name"],
+                    "inputSchema": {"json": fn.get("parameters") or {"type": "object", "properties": {}}}}
+            if fn.get("description"):
+                spec["description"] = fn["description"]
+            specs.append({"toolSpec": spec})
+    elif history:
+        specs = [_PLACEHOLDER_TOOL]
+    else:
+        return
+    out["toolConfig"] = {"tools": specs}
+    tc = _tool_choice(route, choice) if tools else None
+    if tc:
+        out["toolConfig"]["toolChoice"] = tc
 
 
 def to_converse_body(route: Route, body: dict) -> dict:
@@ -243,14 +300,14 @@ def to_converse_body(route: Route, body: dict) -> dict:
         cfg["stopSequences"] = [stop] if type(stop) is str else list(stop)
     if cfg:
         out["inferenceConfig"] = cfg
-    _tools(body, out)
+    _tools(route, body, out)
     if body.get("top_k") is not None:
         out["additionalModelRequestFields"] = {"top_k": body["top_k"]}
     return out
 
 
 def streams_tools(model_id: str) -> bool:
-    return not model_id.startswith(_NO_STREAM_TOOLS)
+    return not _family(model_id).startswith(_NO_STREAM_TOOLS)
 
 
 def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
@@ -316,7 +373,7 @@ def error_message(status: int, data: bytes) -> str:
 
 
 # -- stream ---------------------------------------------------------------------------------
-class ConverseStreamTranslator:
+class ConverseStreamTranslator(ToolCallChunks):
     """ConverseStream events (binary event stream) -> OpenAI chat.completion.chunk events.
 
     A Converse (non-stream) JSON answer is recognised by its first byte, `{` (an event-stream
@@ -324,7 +381,7 @@ class ConverseStreamTranslator:
     chunks when it ends.
     """
 
-    __slots__ = ("usage", "template", "error", "_buf", "_json", "_head", "_tools", "_model")
+    __slots__ = ("usage", "template", "error", "_buf", "_json", "_head", "_tools", "_argless", "_model")
 
     def __init__(self, model: str) -> None:
         self.usage: dict | None = None
@@ -335,13 +392,11 @@ class ConverseStreamTranslator:
         self._head = orjson.dumps({k: self.template[k] for k in ("id", "object", "created", "model")})[:-1] + b","
         self._buf: EventStreamBuffer | None = None
         self._json: list[bytes] | None = None
-        self._tools: dict[int, int] = {}
-
-    def _chunk(self, delta: bytes, finish: bytes = b"null") -> bytes:
-        return (b"data: " + self._head + b'"choices":[{"index":0,"delta":' + delta
-                + b',"logprobs":null,"finish_reason":' + finish + b"}]}\n\n")
+        self._tools: dict[int, int] = {}      # content block index -> OpenAI tool_calls index
+        self._argless: set[int] = set()       # tool blocks open with no argument sent yet
 
     def _fail(self, kind: str, message: str, out: list[bytes]) -> None:
+        message = scrub(message)
         self.error = f"{kind}: {message}"
         out.append(error_event(f"Bedrock stream error ({kind}): {message}", kind))
 
@@ -351,11 +406,7 @@ class ConverseStreamTranslator:
             if "text" in d:
                 out.append(self._chunk(b'{"content":' + orjson.dumps(d["text"]) + b"}"))
             elif "toolUse" in d:
-                k = self._tools.get(ev.get("contentBlockIndex"))
-                piece = d["toolUse"].get("input")
-                if k is not None and piece:
-                    out.append(self._chunk(b'{"tool_calls":[{"index":%d,"function":{"arguments":' % k
-                                           + orjson.dumps(piece) + b"}}]}"))
+                self._tool_piece(ev.get("contentBlockIndex"), d["toolUse"].get("input"), out)
             elif "reasoningContent" in d:
                 t = (d["reasoningContent"] or {}).get("text")
                 if t:
@@ -365,10 +416,9 @@ class ConverseStreamTranslator:
         elif kind == "contentBlockStart":
             tu = (ev.get("start") or {}).get("toolUse")
             if tu:
-                k = self._tools[ev.get("contentBlockIndex")] = len(self._tools)
-                head = {"index": k, "id": tu.get("toolUseId"), "type": "function",
-                        "function": {"name": tu.get("name"), "arguments": ""}}
-                out.append(self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}"))
+                out.append(self._tool_start(ev.get("contentBlockIndex"), tu.get("toolUseId"), tu.get("name")))
+        elif kind == "contentBlockStop":
+            self._block_stop(ev.get("contentBlockIndex"), out)
         elif kind == "messageStop":
             fin = FINISH.get(ev.get("stopReason"), "stop")
             out.append(self._chunk(b"{}", b'"' + fin.encode() + b'"'))

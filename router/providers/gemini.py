@@ -8,6 +8,8 @@ Pure translations, no I/O:
   assistant turn that made the call), `generationConfig` (temperature, top_p, top_k, max output
   tokens, stop, n, seed, penalties, response_format, reasoning_effort -> thinking budget).
   Consecutive same-role turns are merged (parallel function responses must share one turn).
+  Empty text parts are left out; a user turn left with no part says "(empty)" (Gemini refuses
+  empty `parts`, OpenAI takes an empty message).
 - `to_chat_completion`: a GenerateContentResponse -> an OpenAI chat completion; safety and
   other blocks become `finish_reason: "content_filter"`.
 - `GeminiStream`: SSE GenerateContentResponse chunks -> OpenAI chunks.
@@ -24,7 +26,8 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import bad_request, Endpoint, error_event, error_text, function_tools, SSETranslator, UpstreamRequest
+from .base import (EMPTY_TEXT, bad_request, Endpoint, error_event, error_text, function_tools, scrub, SSETranslator,
+                   UpstreamRequest)
 
 API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
@@ -142,6 +145,9 @@ def _contents(msgs: list, out: dict) -> None:
             contents.append({"role": role, "parts": parts})
     if not contents:
         raise bad_request("messages must contain at least one user message besides system messages.", "messages")
+    for c in contents:   # an empty user message: OpenAI takes it, Gemini refuses empty parts
+        if not c["parts"]:
+            c["parts"] = [{"text": EMPTY_TEXT}]
     if system:
         out["systemInstruction"] = {"parts": system}
     out["contents"] = contents
@@ -326,7 +332,7 @@ class GeminiStream(SSETranslator):
             return
         err = obj.get("error")
         if err:
-            msg = err.get("message") if type(err) is dict else str(err)
+            msg = scrub(str((err.get("message") if type(err) is dict else None) or err))
             self.error = msg
             out.append(error_event(f"Gemini stream error: {msg}", err.get("status") if type(err) is dict else None))
             return

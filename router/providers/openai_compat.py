@@ -2,9 +2,11 @@
 
 The request passes through untouched but for the model name, the alias defaults, the usage
 request on streams, and what OpenAI's own models require (reasoning models take
-`max_completion_tokens` and no sampling parameters; `cache_control` is an Anthropic field that
-OpenAI rejects). Stream events are forwarded byte for byte; only the usage chunk is held back,
-so the pipeline can add the cost to it or drop it when the client did not ask for usage.
+`max_completion_tokens` and no sampling parameters; `reasoning_effort` goes only to models that
+take it, per the catalog; `cache_control`, on messages, content parts or tools, is an Anthropic
+field that OpenAI rejects). Stream events are forwarded byte for byte; only the usage chunk is
+held back, so the pipeline can add the cost to it or drop it when the client did not ask for
+usage. An event that cannot be read ends the relay with an error event, as in the other adapters.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, UpstreamRequest, error_text, normalize_usage
+from .base import Endpoint, SSETranslator, UpstreamRequest, error_text, normalize_usage, scrub
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
@@ -21,20 +23,26 @@ _REASONING_DROP = ("temperature", "top_p", "presence_penalty", "frequency_penalt
                    "top_logprobs", "logit_bias")
 
 
-def _strip_cache_control(messages: list) -> None:
-    for m in messages:
-        if type(m) is dict:
-            m.pop("cache_control", None)
-            content = m.get("content")
-            if type(content) is list:
-                for part in content:
-                    if type(part) is dict:
-                        part.pop("cache_control", None)
+def _strip_cache_control(body: dict) -> None:
+    """Anthropic-style clients mark messages, content parts and tools with cache_control."""
+    for key in ("messages", "tools"):
+        items = body.get(key)
+        for m in items if type(items) is list else ():
+            if type(m) is dict:
+                m.pop("cache_control", None)
+                content = m.get("content")
+                if type(content) is list:
+                    for part in content:
+                        if type(part) is dict:
+                            part.pop("cache_control", None)
 
 
 def _for_openai_model(route: Route, body: dict) -> None:
     """What OpenAI's API requires of particular models."""
     m = route.model
+    takes_effort = m.supports_reasoning if m.supports_reasoning_effort is None else m.supports_reasoning_effort
+    if not takes_effort:
+        body.pop("reasoning_effort", None)
     if m.supports_reasoning and route.provider_name == "openai":
         if "max_tokens" in body:
             mt = body.pop("max_tokens")
@@ -52,9 +60,7 @@ def build_body(route: Route, op: str, body: dict, stream: bool) -> dict:
     """The upstream body (mutates and returns `body`, which the pipeline owns)."""
     body["model"] = route.model.model
     if op == "chat":
-        msgs = body.get("messages")
-        if type(msgs) is list:
-            _strip_cache_control(msgs)
+        _strip_cache_control(body)
         _for_openai_model(route, body)
     if stream:
         so = body.get("stream_options")
@@ -70,6 +76,8 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
             headers.append((b"authorization", b"Bearer " + ep.api_key.encode()))
         for k, v in ep.conf.headers.items():
             headers.append((k.lower().encode(), v.encode()))
+        if ep.extra.get("via"):   # the gateway's loop-detection id (router/app.py)
+            headers.append((b"x-cborg-via", ep.extra["via"]))
         ep.extra["headers"] = headers
     body = build_body(route, op, body, stream)
     served = ep.extra.get("served_model")
@@ -86,9 +94,10 @@ def parse(route: Route, op: str, data: bytes) -> dict:
     return obj
 
 
-class PassthroughStream:
+class PassthroughStream(SSETranslator):
     """Forwards events as they are; keeps the usage chunk for the pipeline; drops [DONE]."""
 
+    provider = "OpenAI-compatible"
     __slots__ = ("_sse", "usage", "template", "error")
 
     def __init__(self) -> None:
@@ -118,20 +127,8 @@ class PassthroughStream:
                         return
                 err = obj.get("error")
                 if err and "choices" not in obj:
-                    self.error = err.get("message") if type(err) is dict else str(err)
+                    self.error = scrub(str((err.get("message") if type(err) is dict else None) or err))
         out.append(raw + b"\n\n")
-
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in self._sse.feed(data):
-            self._event(raw, out)
-        return out
-
-    def close(self) -> list[bytes]:
-        out: list[bytes] = []
-        for raw in self._sse.flush():
-            self._event(raw, out)
-        return out
 
 
 def stream(route: Route, op: str) -> PassthroughStream:

@@ -2,12 +2,14 @@
 
 It checks what the real API checks for what the gateway relies on: the key (`x-api-key`, or
 `Authorization: Bearer` as the newer SDKs send it), the `anthropic-version` header, required fields (`model`, `max_tokens`, `messages`), no unknown
-top-level fields, roles (no "system" role in messages), non-empty text blocks, image sources
+top-level fields, roles (no "system" role in messages), non-empty messages and text blocks (a
+message's text may not be whitespace alone), image sources
 (base64 data that matches its media type, or url), tool_result blocks answering the tool_use
 blocks of the previous assistant turn, at most 4 `cache_control` breakpoints, and the current
 models' refusal of `temperature` with `top_p`. Answers are documented Message objects and stream
 events (message_start, content_block_start/delta/stop with text_delta and input_json_delta,
-message_delta, message_stop, ping, error).
+message_delta, message_stop, ping, error); a tool called without arguments streams only an empty
+`partial_json`.
 
 Prompt caching as documented: the prefix up to a block marked with cache_control (order: tools,
 system, messages) is cached when it has at least the model's minimum of tokens (1,024; 4,096 for
@@ -26,7 +28,7 @@ import time
 
 from aiohttp import web
 
-from tests.mocks.openai_mock import Scripted
+from tests.mocks.openai_mock import TOOL_ARGS, Scripted
 
 MODELS = {"claude-haiku-4-5": 4096, "claude-sonnet-4-5": 1024, "claude-opus-4-1": 1024}   # min cacheable tokens
 ONE_SAMPLER = {"claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"}
@@ -166,11 +168,13 @@ class MockAnthropic:
             blocks = [{"type": "text", "text": c}] if isinstance(c, str) else c
             if not isinstance(blocks, list):
                 raise Invalid(f"messages.{i}.content: Input should be a valid list")
-            if isinstance(c, str) and not c and not (role == "assistant" and i == len(msgs) - 1):
+            if not c and not (role == "assistant" and i == len(msgs) - 1):
                 raise Invalid(f"messages.{i}: all messages must have non-empty content except for the optional "
                               "final assistant message")
             for j, b in enumerate(blocks if not isinstance(c, str) else []):
                 self._check_block(b, f"messages.{i}.content.{j}", role)
+            if c and all(isinstance(b, dict) and b.get("type") == "text" and not b["text"].strip() for b in blocks):
+                raise Invalid("messages: text content blocks must contain non-whitespace text")
             results = {b.get("tool_use_id") for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"}
             unknown = results - prev_tool_ids
             if unknown:
@@ -265,9 +269,10 @@ class MockAnthropic:
         tc = body.get("tool_choice") or {"type": "auto"}
         if body.get("tools") and tc["type"] != "none" and last["role"] == "user" and not is_result:
             name = tc["name"] if tc["type"] == "tool" else body["tools"][0]["name"]
+            tool = next(t for t in body["tools"] if t["name"] == name)
             h = hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:20]
             return [{"type": "tool_use", "id": "toolu_" + h, "name": name,
-                     "input": {"location": "Berkeley, CA", "unit": "c"}}], "tool_use", None
+                     "input": TOOL_ARGS if tool["input_schema"].get("properties") else {}}], "tool_use", None
         text = ("The tool said: " if is_result else "echo: ") + self._text(c)
         for s in body.get("stop_sequences") or []:
             if s in text:
@@ -337,7 +342,7 @@ class MockAnthropic:
             else:
                 events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": {
                     "type": "tool_use", "id": b["id"], "name": b["name"], "input": {}}}))
-                args = json.dumps(b["input"])
+                args = json.dumps(b["input"]) if b["input"] else ""
                 events.append(("content_block_delta", {"type": "content_block_delta", "index": i,
                                                        "delta": {"type": "input_json_delta", "partial_json": ""}}))
                 for k in range(0, len(args), 6):

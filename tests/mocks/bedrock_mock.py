@@ -6,13 +6,16 @@ It checks what the real service checks for what the gateway relies on:
   AWS fails: 403 InvalidSignatureException / UnrecognizedClientException);
 - the request body against botocore's own model of the Converse input (unknown fields, wrong
   types and missing required members are refused as ValidationException);
-- Converse's rules: a conversation starts with a user message and alternates roles, text blocks are
-  not blank, toolUse/toolResult need a toolConfig, Meta and Mistral models take no tools while
-  streaming, cachePoint only for models with prompt caching, images only for vision models.
+- Converse's rules: a conversation starts with a user message and alternates roles, messages are
+  not empty and text blocks not blank, toolUse/toolResult need a toolConfig, Meta and Mistral
+  models take no tools while streaming, toolChoice only as each model family supports it (any:
+  Anthropic, Mistral Large, Nova; tool: Anthropic, Nova; Cohere none at all), cachePoint only for
+  models with prompt caching, images only for vision models.
 Answers are the documented ConverseResponse JSON and, for streams, the binary event stream
 (messageStart, contentBlockStart, contentBlockDelta, contentBlockStop, messageStop, metadata)
-encoded with tests/mocks/eventstream.py. Caching: the prefix before a cachePoint of at least
-1,024 tokens is written once, read afterwards; `inputTokens` excludes both.
+encoded with tests/mocks/eventstream.py; a tool called without arguments gets no input delta.
+Caching: the prefix before a cachePoint of at least 1,024 tokens is written once, read afterwards;
+`inputTokens` excludes both.
 """
 from __future__ import annotations
 
@@ -35,17 +38,18 @@ from botocore.exceptions import ParamValidationError
 from botocore.validate import ParamValidator
 
 from tests.mocks import eventstream
-from tests.mocks.openai_mock import Scripted
+from tests.mocks.openai_mock import TOOL_ARGS, Scripted
 
-# model id -> (prompt caching, vision, tool use while streaming)
+# model id -> (prompt caching, vision, tool use while streaming, toolChoice members taken)
+_CLAUDE = (True, True, True, {"auto", "any", "tool"})
 MODELS = {
-    "meta.llama3-1-405b-instruct-v1:0": (False, False, False),
-    "meta.llama3-1-70b-instruct-v1:0": (False, False, False),
-    "meta.llama3-1-8b-instruct-v1:0": (False, False, False),
-    "cohere.command-r-plus-v1:0": (False, False, True),
-    "cohere.command-r-v1:0": (False, False, True),
-    "anthropic.claude-sonnet-4-5-20250929-v1:0": (True, True, True),
-    "us.anthropic.claude-sonnet-4-5-20250929-v1:0": (True, True, True),
+    "meta.llama3-1-405b-instruct-v1:0": (False, False, False, {"auto"}),
+    "meta.llama3-1-70b-instruct-v1:0": (False, False, False, {"auto"}),
+    "meta.llama3-1-8b-instruct-v1:0": (False, False, False, {"auto"}),
+    "cohere.command-r-plus-v1:0": (False, False, True, set()),
+    "cohere.command-r-v1:0": (False, False, True, set()),
+    "anthropic.claude-sonnet-4-5-20250929-v1:0": _CLAUDE,
+    "us.anthropic.claude-sonnet-4-5-20250929-v1:0": _CLAUDE,
 }
 _AUTH = re.compile(r"AWS4-HMAC-SHA256 Credential=([^/]+)/(\d{8})/([^/]+)/([^/]+)/aws4_request, "
                    r"SignedHeaders=([^,]+), Signature=([0-9a-f]{64})")
@@ -135,7 +139,7 @@ class MockBedrock:
         report = ParamValidator().validate({**body, "modelId": model}, _INPUT[action])
         if report.has_errors():
             raise AwsError(400, "ValidationException", str(ParamValidationError(report=report.generate_report())))
-        caching, vision, stream_tools = MODELS[model]
+        caching, vision, stream_tools, choices = MODELS[model]
         msgs = body.get("messages") or []
         if not msgs or msgs[0]["role"] != "user":
             raise AwsError(400, "ValidationException", "A conversation must start with a user message. Try again "
@@ -146,6 +150,9 @@ class MockBedrock:
                 raise AwsError(400, "ValidationException", "A conversation must alternate between user and assistant "
                                "roles. Make sure the conversation alternates between user and assistant roles and "
                                "try again.")
+            if not m["content"]:
+                raise AwsError(400, "ValidationException", f"The content field in the Message object at messages.{i} "
+                               "is empty. Add a ContentBlock object to the content field and try again.")
             for j, b in enumerate(m["content"]):
                 if "text" in b and not b["text"].strip():
                     raise AwsError(400, "ValidationException", f"The text field in the ContentBlock object at "
@@ -173,6 +180,10 @@ class MockBedrock:
                            "toolResult content blocks.")
         if action == "converse-stream" and body.get("toolConfig") and not stream_tools:
             raise AwsError(400, "ValidationException", "This model doesn't support tool use in streaming mode.")
+        for member in (body.get("toolConfig") or {}).get("toolChoice") or {}:
+            if member not in choices:
+                raise AwsError(400, "ValidationException", f"This model doesn't support the toolConfig.toolChoice."
+                               f"{member} field. Remove toolConfig.toolChoice.{member} and try again.")
 
     # -- caching ------------------------------------------------------------------------------
     def _usage(self, model: str, body: dict, out_tokens: int) -> dict:
@@ -212,9 +223,10 @@ class MockBedrock:
         if tc and not results and last["role"] == "user":
             choice = tc.get("toolChoice") or {}
             name = choice["tool"]["name"] if "tool" in choice else tc["tools"][0]["toolSpec"]["name"]
+            spec = next(t["toolSpec"] for t in tc["tools"] if t["toolSpec"]["name"] == name)
+            args = TOOL_ARGS if spec["inputSchema"]["json"].get("properties") else {}
             tid = "tooluse_" + hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:22]
-            return [{"toolUse": {"toolUseId": tid, "name": name, "input": {"location": "Berkeley, CA", "unit": "c"}}}], \
-                "tool_use"
+            return [{"toolUse": {"toolUseId": tid, "name": name, "input": args}}], "tool_use"
         if results:
             text = "The tool said: " + " ".join(c.get("text", json.dumps(c.get("json"))) for c in results[0]["content"])
         else:
@@ -286,7 +298,7 @@ class MockBedrock:
                 frames.append(eventstream.event("contentBlockStart", json.dumps(
                     {"contentBlockIndex": i, "start": {"toolUse": {"toolUseId": tu["toolUseId"], "name": tu["name"]}},
                      "p": "abc"}).encode()))
-                args = json.dumps(tu["input"])
+                args = json.dumps(tu["input"]) if tu["input"] else ""
                 for k in range(0, len(args), 5):
                     frames.append(eventstream.event("contentBlockDelta", json.dumps(
                         {"contentBlockIndex": i, "delta": {"toolUse": {"input": args[k:k + 5]}}}).encode()))

@@ -26,7 +26,7 @@ import time
 
 from aiohttp import web
 
-from tests.mocks.openai_mock import Scripted
+from tests.mocks.openai_mock import TOOL_ARGS, Scripted
 
 MODELS = {"gemini-2.5-pro": 2048, "gemini-2.5-flash": 1024, "gemini-2.5-flash-lite": 1024}
 
@@ -201,8 +201,10 @@ class MockGemini:
         mode = fcc.get("mode", "AUTO")
         responses = [p for p in last["parts"] if _get(p, "functionResponse") is not None]
         if decls and mode != "NONE" and not responses:
-            allowed = fcc.get("allowedFunctionNames") or [decls[0]["name"]]
-            return [{"functionCall": {"name": allowed[0], "args": {"location": "Berkeley, CA", "unit": "c"}}}], "STOP"
+            name = (fcc.get("allowedFunctionNames") or [decls[0]["name"]])[0]
+            decl = next(d for d in decls if d["name"] == name)
+            schema = _get(decl, "parametersJsonSchema") or decl.get("parameters") or {}
+            return [{"functionCall": {"name": name, "args": TOOL_ARGS if schema.get("properties") else {}}}], "STOP"
         if responses:
             r = _get(responses[0], "functionResponse")["response"]
             text = "The tool said: " + (r.get("content") if isinstance(r.get("content"), str) else json.dumps(r))

@@ -1,7 +1,8 @@
 """A mock of the OpenAI API on loopback, faithful to its documented shapes.
 
 It checks what the real API checks for the behaviours we rely on (Bearer key, required fields,
-reasoning models' parameter rules, no unknown fields on messages) and answers with documented
+reasoning models' parameter rules (o1-mini takes no `reasoning_effort`), no unknown fields on
+messages, content parts or tools) and answers with documented
 response and stream shapes, including automatic prompt caching: a prompt of 1,024 tokens or
 more whose prefix was seen before reports cached tokens in 128-token steps.
 Test code steers it through `script` (canned replies, in order) and reads `requests`.
@@ -19,7 +20,9 @@ from typing import Any
 from aiohttp import web
 
 REASONING = {"o1", "o1-mini", "o3-mini"}
+TOOL_ARGS = {"location": "Berkeley, CA", "unit": "c"}   # the mocks' tool call arguments ({} for a tool without any)
 _MSG_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"}
+_TOOL_FIELDS = {"type", "function", "custom"}
 
 
 def tokens_of(text: str) -> int:
@@ -39,6 +42,14 @@ def openai_error(status: int, message: str, type_: str = "invalid_request_error"
                  param: str | None = None) -> web.Response:
     return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}},
                              status=status)
+
+
+def _unexpected(obj: dict, allowed: set, where: str) -> web.Response | None:
+    extra = set(obj) - allowed
+    if not extra:
+        return None
+    return openai_error(400, f"Additional properties are not allowed ({', '.join(map(repr, sorted(extra)))} was "
+                             f"unexpected) - '{where}'", param=where)
 
 
 @dataclass
@@ -157,15 +168,18 @@ class MockOpenAI:
         if not isinstance(msgs, list) or not msgs:
             return openai_error(400, "[] is too short - 'messages'", param="messages")
         for i, m in enumerate(msgs):
-            extra = set(m) - _MSG_FIELDS
-            if extra:
-                return openai_error(400, f"Additional properties are not allowed ({', '.join(map(repr, sorted(extra)))} "
-                                         f"was unexpected) - 'messages.{i}'", param=f"messages.{i}")
+            err = _unexpected(m, _MSG_FIELDS, f"messages.{i}")
+            if err is not None:
+                return err
             if isinstance(m.get("content"), list):
                 for j, part in enumerate(m["content"]):
                     if "cache_control" in part:
                         return openai_error(400, "Unrecognized request argument supplied: cache_control",
                                             param=f"messages.{i}.content.{j}")
+        for k, t in enumerate(body.get("tools") or []):
+            err = _unexpected(t, _TOOL_FIELDS, f"tools.{k}")
+            if err is not None:
+                return err
         if body["model"] in REASONING:
             if "max_tokens" in body:
                 return openai_error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
@@ -175,6 +189,9 @@ class MockOpenAI:
                 return openai_error(400, "Unsupported value: 'temperature' does not support "
                                          f"{body['temperature']} with this model. Only the default (1) value is "
                                          "supported.", param="temperature", code="unsupported_value")
+            if body["model"] == "o1-mini" and "reasoning_effort" in body:
+                return openai_error(400, "Unknown parameter: 'reasoning_effort'.", param="reasoning_effort",
+                                    code="unknown_parameter")
             if body["model"] == "o1-mini" and any(m.get("role") in ("system", "developer") for m in msgs):
                 return openai_error(400, "Unsupported value: 'messages[0].role' does not support 'system' with "
                                          "this model.", param="messages[0].role", code="unsupported_value")
@@ -185,11 +202,13 @@ class MockOpenAI:
         tools = body.get("tools")
         last = msgs[-1] if msgs else {}
         if tools and body.get("tool_choice") != "none" and last.get("role") == "user":
-            fn = tools[0]["function"]["name"]
+            fn = tools[0]["function"]
             if isinstance(body.get("tool_choice"), dict):
-                fn = body["tool_choice"]["function"]["name"]
+                name = body["tool_choice"]["function"]["name"]
+                fn = next(t["function"] for t in tools if t["function"]["name"] == name)
+            args = TOOL_ARGS if (fn.get("parameters") or {}).get("properties") else {}
             call = {"id": "call_" + hashlib.md5(prompt.encode()).hexdigest()[:12], "type": "function",
-                    "function": {"name": fn, "arguments": json.dumps({"location": "Berkeley, CA", "unit": "c"})}}
+                    "function": {"name": fn["name"], "arguments": json.dumps(args)}}
             return "", [call], "tool_calls"
         if last.get("role") == "tool":
             return f"The tool said: {_text(last.get('content'))}", None, "stop"

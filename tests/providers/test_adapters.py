@@ -48,15 +48,19 @@ def test_openai_reasoning_models_and_cache_control():
     assert "temperature" not in out and "top_p" not in out and out["reasoning_effort"] == "high"
     assert "cache_control" not in out["messages"][0] and "cache_control" not in out["messages"][1]["content"][0]
     assert out["stream_options"] == {"include_usage": True}
-    o1mini = openai_compat.build_body(route("openai/o1-mini"), "chat",
-                                      {"messages": [{"role": "system", "content": "s"}]}, False)
+    o1mini = openai_compat.build_body(route("openai/o1-mini"), "chat", {
+        "reasoning_effort": "low", "messages": [{"role": "system", "content": "s"}]}, False)
     assert o1mini["messages"][0]["role"] == "user"
-    plain = openai_compat.build_body(route("openai/gpt-4o"), "chat",
-                                     {"max_tokens": 5, "temperature": 0.3, "messages": []}, False)
+    assert "reasoning_effort" not in o1mini              # o1-mini refuses it (catalog: supports_reasoning_effort)
+    plain = openai_compat.build_body(route("openai/gpt-4o"), "chat", {
+        "max_tokens": 5, "temperature": 0.3, "reasoning_effort": "low", "messages": [],
+        "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": {"type": "ephemeral"}}]}, False)
     assert plain["max_tokens"] == 5 and plain["temperature"] == 0.3
-    grok = openai_compat.build_body(route("xai/grok-mini"), "chat", {"max_tokens": 5, "temperature": 0.3,
-                                                                      "messages": []}, False)
+    assert "reasoning_effort" not in plain and plain["tools"] == [{"type": "function", "function": {"name": "f"}}]
+    grok = openai_compat.build_body(route("xai/grok-mini"), "chat", {
+        "max_tokens": 5, "temperature": 0.3, "reasoning_effort": "high", "messages": []}, False)
     assert grok["max_tokens"] == 5 and grok["temperature"] == 0.3       # OpenAI's rules stay with OpenAI
+    assert grok["reasoning_effort"] == "high"
 
 
 # -- Anthropic -----------------------------------------------------------------------------
@@ -212,6 +216,73 @@ def test_anthropic_stream_error_event():
     assert tr.error and tr.usage["prompt_tokens"] == 572      # usage so far stays known
 
 
+def _tool_args(chunks: list[dict]) -> dict[int, str]:
+    """The streamed arguments of each tool call, assembled as a client does."""
+    args: dict[int, str] = {}
+    for c in chunks:
+        for tc in c["choices"][0]["delta"].get("tool_calls", []) if c.get("choices") else ():
+            args[tc["index"]] = args.get(tc["index"], "") + tc["function"].get("arguments", "")
+    return args
+
+
+def test_anthropic_stream_tool_call_without_arguments():
+    """Opened with "" and only empty partial_json after: one "{}" piece when the block stops."""
+    no_args = [{"type": "content_block_start", "index": 1, "content_block": {
+                   "type": "tool_use", "id": "toolu_01", "name": "get_time", "input": {}}},
+               {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}},
+               {"type": "content_block_stop", "index": 1}]
+    weather = [{**e, "index": 2} for e in ANTHROPIC_STREAM[6:12]]      # the weather call comes second
+    events = ANTHROPIC_STREAM[:6] + no_args + weather + ANTHROPIC_STREAM[12:]
+    tr = anthropic.stream(route("anthropic/claude-sonnet"), "chat")
+    args = _tool_args(chunks_of(feed_in_pieces(tr, _sse(events))))
+    assert args[0] == "{}" and json.loads(args[1]) == {"location": "San Francisco, CA"}
+
+
+def test_stream_error_messages_are_scrubbed():
+    key = "sk-ant-api03-LEAKEDKEY0123456789"
+    tr = anthropic.stream(route("anthropic/claude-sonnet"), "chat")
+    out = tr.feed(_sse(ANTHROPIC_STREAM[:1] + [{"type": "error", "error": {"type": "api_error",
+                                                                           "message": f"bad key {key}"}}]))
+    assert key not in b"".join(out).decode() and key not in tr.error and "***" in tr.error
+    tr = gemini.stream(route("google/gemini-flash"), "chat")
+    out = tr.feed(b'data: {"error": {"code": 400, "message": "key AIzaLEAKEDgeminiKEY0123456789abc", '
+                  b'"status": "INVALID_ARGUMENT"}}\r\n\r\n')
+    assert b"AIzaLEAKED" not in b"".join(out) and "AIzaLEAKED" not in tr.error
+    tr = bedrock.stream(route("aws/command-r-v1"), "chat")
+    out = tr.feed(eventstream.exception("validationException", b'{"message":"key AKIALEAKEDKEY0000001"}'))
+    assert b"AKIALEAKED" not in b"".join(out) and "AKIALEAKED" not in tr.error
+
+
+@pytest.mark.parametrize("name,content", [
+    ("anthropic/claude-sonnet", ""), ("anthropic/claude-sonnet", [{"type": "text", "text": ""}]),
+    ("anthropic/claude-sonnet", " \n"), ("google/gemini-flash", ""), ("google/gemini-flash", []),
+    ("aws/command-r-v1", ""), ("aws/command-r-v1", [{"type": "text", "text": " "}]),
+])
+def test_empty_user_message_gets_placeholder_text(name, content):
+    """OpenAI takes an empty user message; these APIs refuse empty messages and empty text blocks."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": content}]
+    r = route(name)
+    if name.startswith("anthropic"):
+        last = anthropic.to_messages_body(r, {"messages": msgs}, False)["messages"][-1]["content"]
+        assert last == "(empty)"
+    elif name.startswith("google"):
+        assert gemini.to_gemini_body(r, {"messages": msgs})["contents"][-1]["parts"] == [{"text": "(empty)"}]
+    else:
+        assert bedrock.to_converse_body(r, {"messages": msgs})["messages"][-1]["content"] == [{"text": "(empty)"}]
+
+
+def test_blank_text_parts_are_left_out():
+    parts = [{"type": "text", "text": ""}, {"type": "text", "text": "Look"}, {"type": "text", "text": "  "}]
+    msgs = [{"role": "user", "content": parts}]
+    assert anthropic.to_messages_body(route("anthropic/claude-haiku"), {"messages": msgs}, False)["messages"] == \
+        [{"role": "user", "content": "Look"}]
+    assert gemini.to_gemini_body(route("google/gemini-flash"), {"messages": msgs})["contents"][0]["parts"] == \
+        [{"text": "Look"}, {"text": "  "}]      # Gemini takes whitespace; only empty parts are refused
+    assert bedrock.to_converse_body(route("aws/command-r-v1"), {"messages": msgs})["messages"][0]["content"] == \
+        [{"text": "Look"}]
+
+
 # -- Gemini --------------------------------------------------------------------------------
 def test_gemini_request_shape():
     body = {"messages": [
@@ -341,7 +412,7 @@ def test_bedrock_request_shape_and_cache_points():
             {"role": "tool", "tool_call_id": "tooluse_1", "content": "ok"}]
     body = {"messages": msgs, "max_tokens": 50, "temperature": 0.2, "top_p": 0.9, "stop": "##", "top_k": 5,
             "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
-            "tool_choice": {"type": "function", "function": {"name": "f"}}}
+            "tool_choice": "auto"}
     llama = bedrock.to_converse_body(route("aws/llama-3.1-70b"), body)
     assert llama["system"] == [{"text": "Sys"}]              # no prompt caching on Llama: no cachePoint
     assert llama["messages"] == [
@@ -349,15 +420,97 @@ def test_bedrock_request_shape_and_cache_points():
         {"role": "assistant", "content": [{"toolUse": {"toolUseId": "tooluse_1", "name": "f", "input": {"x": 1}}}]},
         {"role": "user", "content": [{"toolResult": {"toolUseId": "tooluse_1", "content": [{"text": "ok"}]}}]}]
     assert llama["inferenceConfig"] == {"maxTokens": 50, "temperature": 0.2, "topP": 0.9, "stopSequences": ["##"]}
-    assert llama["toolConfig"] == {"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}],
-                                   "toolChoice": {"tool": {"name": "f"}}}
+    assert llama["toolConfig"] == {"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]}
     assert llama["additionalModelRequestFields"] == {"top_k": 5}
-    cached = CATALOG.resolve("aws/llama-3.1-70b")
-    cached = type(cached)(cached.name, cached.model.model_copy(update={"supports_prompt_caching": True}),
-                          cached.provider, cached.provider_name)
-    c = bedrock.to_converse_body(cached, body)
+    c = bedrock.to_converse_body(aws_model("us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                                           supports_prompt_caching=True),
+                                 {**body, "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert c["toolConfig"]["toolChoice"] == {"tool": {"name": "f"}}
     assert c["system"] == [{"text": "Sys"}, {"cachePoint": {"type": "default"}}]
     assert c["messages"][0]["content"] == [{"text": "Doc"}, {"cachePoint": {"type": "default"}}, {"text": "Q"}]
+
+
+def aws_model(model_id: str, **caps):
+    """A route to an aws/ model the catalog does not list (model id and capabilities changed)."""
+    r = CATALOG.resolve("aws/llama-3.1-70b")
+    return type(r)(r.name, r.model.model_copy(update={"model": model_id, **caps}), r.provider, r.provider_name)
+
+
+USE_AND_RESULT = [{"role": "user", "content": "Weather?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"id": "tooluse_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "tooluse_1", "content": "sunny"}]
+F = [{"type": "function", "function": {"name": "f"}}]
+
+
+def test_bedrock_tool_config_follows_the_conversation():
+    llama = route("aws/llama-3.1-8b")
+    # a follow-up without tools: Bedrock needs a toolConfig for toolUse/toolResult blocks
+    follow = bedrock.to_converse_body(llama, {"messages": USE_AND_RESULT})
+    assert [t["toolSpec"]["name"] for t in follow["toolConfig"]["tools"]] == ["dummy_tool"]
+    assert "toolChoice" not in follow["toolConfig"]
+    # tool_choice "none": no tools for a conversation without tool blocks; with them they stay declared
+    plain = [{"role": "user", "content": "hi"}]
+    assert "toolConfig" not in bedrock.to_converse_body(llama, {"messages": plain, "tools": F, "tool_choice": "none"})
+    kept = bedrock.to_converse_body(llama, {"messages": USE_AND_RESULT, "tools": F, "tool_choice": "none"})
+    assert kept["toolConfig"] == {"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {
+        "type": "object", "properties": {}}}}}]}
+    assert "toolConfig" not in bedrock.to_converse_body(llama, {"messages": plain})
+    # auto is Converse's default: no toolChoice (Cohere's Converse support takes none at all)
+    auto = bedrock.to_converse_body(route("aws/command-r-v1"), {"messages": plain, "tools": F, "tool_choice": "auto"})
+    assert "toolChoice" not in auto["toolConfig"]
+
+
+@pytest.mark.parametrize("model_id,choice,expected", [
+    ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", "required", {"any": {}}),
+    ("mistral.mistral-large-2407-v1:0", "required", {"any": {}}),
+    ("us.amazon.nova-pro-v1:0", {"type": "function", "function": {"name": "f"}}, {"tool": {"name": "f"}}),
+    ("meta.llama3-1-8b-instruct-v1:0", "required", None),
+    ("cohere.command-r-v1:0", {"type": "function", "function": {"name": "f"}}, None),
+    ("mistral.mistral-large-2407-v1:0", {"type": "function", "function": {"name": "f"}}, None),
+])
+def test_bedrock_tool_choice_where_converse_has_it(model_id, choice, expected):
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": F, "tool_choice": choice}
+    if expected is None:
+        with pytest.raises(HTTPError) as e:
+            bedrock.to_converse_body(aws_model(model_id), body)
+        assert e.value.status == 400 and e.value.param == "tool_choice" and "use 'auto'" in e.value.message
+    else:
+        assert bedrock.to_converse_body(aws_model(model_id), body)["toolConfig"]["toolChoice"] == expected
+
+
+def test_bedrock_streams_tools_by_family():
+    assert not bedrock.streams_tools("us.meta.llama3-1-8b-instruct-v1:0")
+    assert not bedrock.streams_tools("mistral.mistral-large-2407-v1:0")
+    assert bedrock.streams_tools("cohere.command-r-v1:0") and bedrock.streams_tools("eu.anthropic.claude-x")
+
+
+@pytest.mark.parametrize("env,config,expected", [
+    ({"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-central-1"}, None, "eu-west-1"),
+    ({"AWS_DEFAULT_REGION": "eu-central-1"}, "[default]\nregion = ap-south-1\n", "eu-central-1"),
+    ({}, "[default]\nregion = ap-south-1\n", "ap-south-1"),
+    ({"AWS_PROFILE": "lab"}, "[default]\nregion = ap-south-1\n[profile lab]\nregion = ca-central-1\n", "ca-central-1"),
+    ({"AWS_PROFILE": "absent"}, "[default]\nregion = ap-south-1\n", "us-west-2"),
+    ({}, None, "us-west-2"),                                  # models.yaml's region, the last default
+])
+def test_bedrock_region_as_the_aws_sdks_find_it(tmp_path, env, config, expected):
+    from router.providers import make_endpoint
+    path = tmp_path / "config"
+    if config:
+        path.write_text(config)
+    env = {**env, "AWS_CONFIG_FILE": str(path)}
+    ep = make_endpoint("aws", CATALOG.providers["aws"], env=env)
+    assert ep.region == expected and ep.target.host == f"bedrock-runtime.{expected}.amazonaws.com"
+
+
+def test_bedrock_region_from_the_process_environment(tmp_path, monkeypatch):
+    from router.providers import make_endpoint
+    (tmp_path / "config").write_text("[profile lab]\nregion = sa-east-1\n")
+    for k in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    assert make_endpoint("aws", CATALOG.providers["aws"]).region == "sa-east-1"
 
 
 def test_bedrock_signed_request(monkeypatch):
@@ -442,6 +595,29 @@ def test_unreadable_stream_event_is_reported_in_stream(name, data):
     out = chunks_of(feed_in_pieces(tr, data))
     assert any(c.get("choices") for c in out)
     assert out[-1]["error"]["code"] == "bad_upstream_response" and tr.error
+
+
+@pytest.mark.parametrize("deltas", [[], [b'{"contentBlockIndex":0,"delta":{"toolUse":{"input":""}}}']])
+def test_bedrock_stream_tool_call_without_arguments(deltas):
+    frames = [eventstream.event("messageStart", b'{"role":"assistant"}'),
+              eventstream.event("contentBlockStart",
+                                b'{"contentBlockIndex":0,"start":{"toolUse":{"toolUseId":"t0","name":"now"}}}'),
+              *(eventstream.event("contentBlockDelta", d) for d in deltas),
+              eventstream.event("contentBlockStop", b'{"contentBlockIndex":0}'),
+              eventstream.event("messageStop", b'{"stopReason":"tool_use"}')]
+    tr = bedrock.stream(route("aws/command-r-v1"), "chat")
+    assert _tool_args(chunks_of(feed_in_pieces(tr, b"".join(frames)))) == {0: "{}"}
+
+
+def test_passthrough_stream_unreadable_event_is_reported():
+    """A broken event that mentions usage or error: an error event, and nothing relayed after it."""
+    tr = openai_compat.stream(route("openai/gpt-4o"), "chat")
+    good = b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+    out = tr.feed(good + b'data: {"usage": {oops\n\n' + good)
+    events = chunks_of(out)
+    assert len(events) == 2 and events[0]["choices"][0]["delta"] == {"content": "a"}
+    assert events[1]["error"]["code"] == "bad_upstream_response" and tr.error
+    assert tr.feed(good) == [] and tr.close() == []
 
 
 def test_bedrock_converse_answer_as_stream():

@@ -105,7 +105,7 @@ def test_stream_without_usage_has_none(client, fresh, name):
     assert chunks and all(c.usage is None for c in chunks) and all(c.choices for c in chunks)
 
 
-def _round_trip(client, name: str, stream: bool) -> None:
+def _round_trip(client, name: str, stream: bool, tools_on_follow_up: bool = True) -> None:
     msgs = [{"role": "user", "content": "What's the weather in Berkeley?"}]
     if stream:
         calls: dict[int, dict] = {}
@@ -133,7 +133,7 @@ def _round_trip(client, name: str, stream: bool) -> None:
                  {"id": call["id"], "type": "function", "function": {"name": call["name"],
                                                                      "arguments": call["arguments"]}}]},
              {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny"}]
-    r2 = client.chat.completions.create(model=name, messages=msgs, tools=WEATHER)
+    r2 = client.chat.completions.create(model=name, messages=msgs, **({"tools": WEATHER} if tools_on_follow_up else {}))
     assert r2.choices[0].message.content == "The tool said: 18 degrees and sunny"
     assert r2.choices[0].finish_reason == "stop"
 
@@ -146,6 +146,26 @@ def test_tool_round_trip(client, fresh, name):
 @pytest.mark.parametrize("name", TOOLS)
 def test_streamed_tool_round_trip(client, fresh, name):
     _round_trip(client, name, stream=True)
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_tool_follow_up_without_tools(client, fresh, name):
+    """The answer to a call sent without `tools`, as OpenAI takes it (Bedrock needs a toolConfig then)."""
+    _round_trip(client, name, stream=False, tools_on_follow_up=False)
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_streamed_tool_call_without_arguments(client, fresh, name):
+    """A tool that takes no arguments: the streamed arguments still assemble into JSON ("{}")."""
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    args, calls = "", set()
+    for c in client.chat.completions.create(model=name, stream=True, tools=tools,
+                                            messages=[{"role": "user", "content": "What time is it?"}]):
+        for tc in (c.choices[0].delta.tool_calls or ()) if c.choices else ():
+            calls.add(tc.index)
+            args += (tc.function.arguments or "") if tc.function else ""
+    assert calls == {0} and json.loads(args) == {}
 
 
 @pytest.mark.parametrize("name", VISION)
@@ -213,4 +233,17 @@ def test_openai_reasoning_models_take_common_parameters(client, fresh, name):
     assert r.choices[0].message.content == "echo: hi"
     body = fresh.openai.requests[-1]["json"]
     assert body["max_completion_tokens"] == 50 and "max_tokens" not in body and "temperature" not in body
-    assert body["reasoning_effort"] == "low" and "cache_control" not in body["messages"][0]
+    assert "cache_control" not in body["messages"][0]
+    if name == "openai/o1-mini":      # it refuses reasoning_effort ("Unknown parameter"): left out
+        assert "reasoning_effort" not in body
+    else:
+        assert body["reasoning_effort"] == "low"
+
+
+def test_openai_tool_cache_control_is_left_out(client, fresh):
+    """Anthropic-style clients mark tools with cache_control; OpenAI refuses unknown tool fields."""
+    tools = [{**WEATHER[0], "cache_control": {"type": "ephemeral"}}]
+    r = client.chat.completions.create(model="openai/gpt-4.1", tools=tools,
+                                       messages=[{"role": "user", "content": "Weather in Berkeley?"}])
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert "cache_control" not in fresh.openai.requests[-1]["json"]["tools"][0]

@@ -14,6 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 PIRATE = "Always talk like a pirate. " * 200
+_F = [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # the SDK warns of claude-sonnet-4-5's retirement
@@ -28,12 +29,20 @@ def test_anthropic_sdk_against_mock(fresh):
     assert r1.content[0].text == "echo: Hello" and r1.stop_reason == "end_turn"
     assert r1.usage.cache_creation_input_tokens > 1000 and r1.usage.cache_read_input_tokens == 0
     assert r2.usage.cache_read_input_tokens == r1.usage.cache_creation_input_tokens
-    tools = [{"name": "get_weather", "description": "w", "input_schema": {"type": "object", "properties": {}}}]
+    tools = [{"name": "get_weather", "description": "w",
+              "input_schema": {"type": "object", "properties": {"location": {"type": "string"}}}},
+             {"name": "get_time", "description": "t", "input_schema": {"type": "object", "properties": {}}}]
     with c.messages.stream(model="claude-haiku-4-5", max_tokens=100, tools=tools,
                            messages=[{"role": "user", "content": "weather?"}]) as s:
         final = s.get_final_message()
     assert final.stop_reason == "tool_use"
     assert final.content[0].type == "tool_use" and final.content[0].input == {"location": "Berkeley, CA", "unit": "c"}
+    # a tool without arguments: the SDK assembles the empty partial_json the mock streams into {}
+    with c.messages.stream(model="claude-haiku-4-5", max_tokens=100, tools=tools,
+                           tool_choice={"type": "tool", "name": "get_time"},
+                           messages=[{"role": "user", "content": "time?"}]) as s:
+        final = s.get_final_message()
+    assert final.content[0].name == "get_time" and final.content[0].input == {}
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(api_key="sk-ant-wrong", base_url=m.url, max_retries=0).messages.create(
             model="claude-sonnet-4-5", max_tokens=10, messages=[{"role": "user", "content": "x"}])
@@ -93,7 +102,7 @@ def test_botocore_client_against_bedrock_mock(fresh):
     with pytest.raises(ClientError) as e:
         c.converse_stream(modelId="meta.llama3-1-8b-instruct-v1:0",
                           messages=[{"role": "user", "content": [{"text": "x"}]}],
-                          toolConfig={"tools": [{"toolSpec": {"name": "f", "inputSchema": {"json": {"type": "object"}}}}]})
+                          toolConfig={"tools": _F})
     assert "tool use in streaming mode" in str(e.value)
 
 
@@ -113,6 +122,12 @@ def _post(url, body, headers):
         {"type": "tool_result", "tool_use_id": "toolu_x", "content": "r"}]}]}, "unexpected `tool_use_id`"),
     ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "text", "text": ""}]}]}, "text content blocks must be non-empty"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": " \n"}]}]}, "text content blocks must contain non-whitespace text"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": ""}]},
+     "all messages must have non-empty content"),
+    ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": []}]},
+     "all messages must have non-empty content"),
     ({"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "/9j/4AAQ"}}]}]},
      "does not match the provided media type"),
@@ -155,9 +170,47 @@ def test_gemini_mock_refuses(fresh, body, words):
     ({"messages": [{"role": "user", "content": [{"text": "x"}, {"cachePoint": {"type": "default"}}]}]},
      "prompt caching"),
     ({"messages": [{"role": "user", "content": [{"text": "x"}]}], "temperature": 0.3}, "Unknown parameter"),
+    ({"messages": [{"role": "user", "content": []}]}, "content field in the Message object at messages.0 is empty"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]},
+                   {"role": "assistant", "content": [{"toolUse": {"toolUseId": "t1", "name": "f", "input": {}}}]},
+                   {"role": "user", "content": [{"toolResult": {"toolUseId": "t1", "content": [{"text": "r"}]}}]}]},
+     "toolConfig field must be defined"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}],
+      "toolConfig": {"tools": _F, "toolChoice": {"any": {}}}}, "doesn't support the toolConfig.toolChoice.any field"),
+    ({"messages": [{"role": "user", "content": [{"text": "x"}]}],
+      "toolConfig": {"tools": _F, "toolChoice": {"tool": {"name": "f"}}}}, "toolConfig.toolChoice.tool field"),
 ])
 def test_bedrock_mock_refuses(fresh, kw, words):
     c = _bedrock_client(fresh.bedrock)
     with pytest.raises(Exception) as e:
         c.converse(modelId="meta.llama3-1-8b-instruct-v1:0", **kw)
     assert words in str(e.value)
+
+
+def test_bedrock_mock_tool_choice_by_model(fresh):
+    """Cohere's Converse support takes no toolChoice at all; Claude's takes any and tool."""
+    c = _bedrock_client(fresh.bedrock)
+    msgs = [{"role": "user", "content": [{"text": "x"}]}]
+    with pytest.raises(ClientError, match="toolChoice.auto field"):
+        c.converse(modelId="cohere.command-r-v1:0", messages=msgs, toolConfig={"tools": _F, "toolChoice": {"auto": {}}})
+    for choice in ({"any": {}}, {"tool": {"name": "f"}}):
+        r = c.converse(modelId="anthropic.claude-sonnet-4-5-20250929-v1:0", messages=msgs,
+                       toolConfig={"tools": _F, "toolChoice": choice})
+        assert r["stopReason"] == "tool_use"
+
+
+_TOOL = {"type": "function", "function": {"name": "f"}}
+
+
+@pytest.mark.parametrize("body,words", [
+    ({"model": "o1-mini", "reasoning_effort": "low"}, "Unknown parameter: 'reasoning_effort'"),
+    ({"model": "gpt-4.1", "tools": [{**_TOOL, "cache_control": {"type": "ephemeral"}}]},
+     "('cache_control' was unexpected) - 'tools.0'"),
+])
+def test_openai_mock_refuses(fresh, body, words):
+    m, auth = fresh.openai, {"Authorization": f"Bearer {fresh.openai.api_key}"}
+    msgs = [{"role": "user", "content": "x"}]
+    r = _post(m.url + "/v1/chat/completions", {**body, "messages": msgs}, auth)
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    for ok in ({"model": "o3-mini", "reasoning_effort": "low"}, {"model": "gpt-4.1", "tools": [_TOOL]}):
+        assert _post(m.url + "/v1/chat/completions", {**ok, "messages": msgs}, auth).status_code == 200
