@@ -224,9 +224,8 @@ async def _wait_disconnect(receive) -> None:
 
 
 async def send_stream(resp: StreamResponse, req: Request, send) -> None:
-    await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
-
     async def pump() -> None:
+        await send({"type": "http.response.start", "status": resp.status, "headers": resp.headers})
         async for chunk in resp.body:
             if chunk:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -340,7 +339,7 @@ class App:
                     handler = table["GET"]
                 else:
                     raise HTTPError(405, f"Method {req.method} is not allowed on {req.path}.",
-                                    code="method_not_allowed")
+                                    code="method_not_allowed", headers=[(b"allow", ", ".join(table).encode())])
             resp = await handler(req)
         except HTTPError as e:
             resp = error_response(e)

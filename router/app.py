@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from typing import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 from cborg.asgi import App, HTTPError
 
@@ -30,6 +32,15 @@ _NO_RETRY = (b"x-should-retry", b"false")
 
 def _noop() -> None:
     return None
+
+
+def via_id(database_url: str) -> bytes:
+    """This deployment's loop-detection id: the same for every worker and replica sharing the
+    database, and no secret in it (a database password is dropped before hashing)."""
+    u = urlsplit(database_url)
+    host = u.hostname or ""
+    where = urlunsplit((u.scheme, f"{u.username or ''}@{host}:{u.port or ''}", u.path, "", ""))
+    return hashlib.sha256(b"cborg-via|" + where.encode()).hexdigest()[:16].encode()
 
 
 class Gateway:
@@ -62,6 +73,11 @@ class Gateway:
         self.model_endpoints: dict[str, Endpoint] = {
             m.name: make_endpoint(m.provider, self.catalog.providers[m.provider], m, env=settings.env)
             for m in self.catalog.models.values() if m.base_url}
+        # Sent to OpenAI-compatible upstreams; a request that arrives carrying it has come back
+        # (a base URL pointing at this gateway, or at a replica sharing its database): 508, not a loop.
+        self.via = via_id(settings.database_url)
+        for ep in (*self.endpoints.values(), *self.model_endpoints.values()):
+            ep.extra["via"] = self.via
         # Local models without a base_url are served by inference nodes (router/nodes.py).
         self.nodes = NodeRegistry(self.catalog, self.pool, settings.profile, settings.nodes, settings.env,
                                   settings.node_poll_s)

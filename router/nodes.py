@@ -114,6 +114,7 @@ class NodeState:
         self.error: str | None = None
         self.last_ok: float | None = None
         self.next_poll = 0.0
+        self.again = False         # poll_soon() came while a poll was in flight
 
     @property
     def up(self) -> bool:
@@ -161,23 +162,39 @@ class NodeRegistry:
     def poll_soon(self) -> None:
         for n in self.nodes.values():
             n.next_poll = 0.0
+            n.again = True
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
-            now = time.monotonic()
-            due = [n for n in self.nodes.values() if n.next_poll <= now]
-            if due:
-                await asyncio.gather(*(self._poll(n) for n in due))
-                self.rebuild()
-            nxt = min(n.next_poll for n in self.nodes.values()) - time.monotonic()
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), max(0.05, nxt))
-            except asyncio.TimeoutError:
-                pass
+        """Each node is polled on its own schedule: a node that hangs delays no other's status."""
+        polling: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                now = time.monotonic()
+                for n in self.nodes.values():
+                    if n.next_poll <= now and n.ref.name not in polling:
+                        polling[n.ref.name] = asyncio.ensure_future(self._poll_one(n, polling))
+                idle = [n.next_poll for n in self.nodes.values() if n.ref.name not in polling]
+                nxt = (min(idle) if idle else now + self.poll_s) - time.monotonic()
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.05, nxt))
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            for t in polling.values():
+                t.cancel()
+
+    async def _poll_one(self, n: NodeState, polling: dict) -> None:
+        try:
+            await self._poll(n)
+            self.rebuild()
+        finally:
+            polling.pop(n.ref.name, None)
+            self._wake.set()
 
     async def _poll(self, n: NodeState) -> None:
+        n.again = False
         try:
             status, data = await self.request(n, b"GET", "/status")
             if status != 200:
@@ -189,7 +206,9 @@ class NodeRegistry:
             if n.failures >= DOWN_AFTER and n.status is not None:
                 log.warning("node %s is out of rotation: %s", n.ref.name, e)
                 n.status = None
-        n.next_poll = time.monotonic() + (FAST_POLL_S if n.busy() or n.failures else self.poll_s)
+        # asked again while this poll was out (poll_soon): its answer may predate the change
+        n.next_poll = 0.0 if n.again else \
+            time.monotonic() + (FAST_POLL_S if n.busy() or n.failures else self.poll_s)
 
     def _accept(self, n: NodeState, status: dict) -> None:
         if not isinstance(status, dict) or not isinstance(status.get("deployments"), list):
@@ -309,6 +328,22 @@ class NodeRegistry:
             r.outstanding += 1
             return r.endpoint, r.release
         raise self.unavailable(route, e)
+
+    def lost(self, route: Route, ep: Endpoint) -> HTTPError:
+        """An engine that refused a connection (killed, restarting, unloaded since the last poll):
+        out of rotation at once and the nodes asked again; until then, with no other replica left,
+        requests get a 503 to retry. The next status that lists it ready puts it back."""
+        e = self.models.get(route.model.name)
+        if e is not None and any(r.endpoint is ep for r in e.replicas):
+            e.replicas = [r for r in e.replicas if r.endpoint is not ep]
+            if not e.replicas:
+                e.state = "unreachable"
+                e.error = (f"The engine serving '{route.model.name}' stopped answering (restarting or being "
+                           "unloaded); try again in a few seconds.", "model_unavailable", True)
+            self.poll_soon()
+        return self.unavailable(route, e) if e is not None and not e.replicas else \
+            HTTPError(503, f"The engine serving '{route.name}' stopped answering.", code="model_unavailable",
+                      type="service_unavailable", headers=[(b"retry-after", str(RETRY_AFTER_S).encode())])
 
     def unavailable(self, route: Route, e: ModelEntry | None) -> HTTPError:
         if e is not None and e.error is not None:

@@ -23,6 +23,7 @@ from .catalog import Route
 from .providers import adapter
 from .providers.base import Endpoint, StreamError, normalize_usage, scrub
 from .sse import DONE, data_event
+from . import upstream_errors
 from .upstream import Timeouts, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -35,7 +36,12 @@ _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
 _MODE = {"chat": "chat", "completions": "chat", "embeddings": "embedding"}
 _KIND = {"chat": "a chat", "embedding": "an embedding"}
 _RETRY_STATUS = frozenset((408, 409, 425, 429, 500, 502, 503, 504, 529))
-_NO_RETRY = (b"x-should-retry", b"false")
+_RA_HOLD = 4          # an upstream's retry-after up to 4 x max_backoff is waited out here; longer goes to the client
+_NODE_REPICKS = 3      # replicas of a local model tried when engines are found gone
+
+
+class _EngineGone(Exception):
+    """A node's engine refused the connection: it stopped since the last status poll."""
 
 
 _ID_PREFIX = "req-" + os.urandom(4).hex()
@@ -142,23 +148,11 @@ class Pipeline:
     # -- entry point -------------------------------------------------------------------
     async def handle(self, req: Request, op: str) -> Response | StreamResponse:
         gw = self.gw
-        key = await gw.keys.verify(bearer_token(req.headers))
-        raw = await req.body(gw.settings.max_body_bytes)
-        body = self._parse(raw, op)
-        name = body["model"]
-        route = gw.catalog.resolve(name)
-        if route is None:
-            route = gw.resolve_dynamic(name)
-            if route is None:
-                raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models "
-                                     "this key can use.", code="model_not_found", param="model")
-        if route.model.mode != _MODE[op]:
-            raise HTTPError(400, f"The model '{route.name}' is {_KIND[route.model.mode]} model and cannot serve "
-                                 f"/{'chat/completions' if op == 'chat' else op}.", param="model",
-                            code="wrong_model_type")
-        if not allowed(key, route):
-            raise HTTPError(403, f"This API key may not use the model '{route.name}'. It may use: "
-                                 f"{', '.join(key.models)}.", code="model_not_allowed", param="model")
+        try:
+            key, raw, body, route = await self._accept(req, op)
+        except HTTPError as e:   # refused before admission: counted under model "-" (names are the client's)
+            gw.metrics.requests[("-", e.status)] += 1
+            raise
         stream = op != "embeddings" and body.get("stream") is True
         call = Call(gw, key, route, op, stream)
         if stream:
@@ -187,6 +181,32 @@ class Pipeline:
             if not call.done:
                 call.finish()
             raise
+
+    async def _accept(self, req: Request, op: str) -> tuple["KeyRecord", bytes, dict, Route]:
+        """Who is calling, for which model: 401/400/404/403 before anything is counted against limits."""
+        gw = self.gw
+        if req.headers.get(b"x-cborg-via") == gw.via:
+            raise HTTPError(508, "This request came back to the gateway that sent it: a provider's base URL "
+                                 "(e.g. OPENAI_BASE_URL) points at this gateway.", code="loop_detected",
+                            headers=[upstream_errors.NO_RETRY])
+        key = await gw.keys.verify(bearer_token(req.headers))
+        raw = await req.body(gw.settings.max_body_bytes)
+        body = self._parse(raw, op)
+        name = body["model"]
+        route = gw.catalog.resolve(name)
+        if route is None:
+            route = gw.resolve_dynamic(name)
+            if route is None:
+                raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models "
+                                     "this key can use.", code="model_not_found", param="model")
+        if not allowed(key, route):
+            raise HTTPError(403, f"This API key may not use the model '{route.name}'. It may use: "
+                                 f"{', '.join(key.models)}.", code="model_not_allowed", param="model")
+        if route.model.mode != _MODE[op]:
+            raise HTTPError(400, f"The model '{route.name}' is {_KIND[route.model.mode]} model and cannot serve "
+                                 f"/{'chat/completions' if op == 'chat' else op}.", param="model",
+                            code="wrong_model_type")
+        return key, raw, body, route
 
     @staticmethod
     def _parse(raw: bytes, op: str) -> dict:
@@ -231,48 +251,60 @@ class Pipeline:
             if n:
                 body = orjson.loads(raw)
                 apply_alias(call.route, call.op, body)
-            try:
-                ep, release = gw.endpoint_for(route)
-            except HTTPError as e:
-                last_err = e
-                continue
-            try:
-                ad = adapter(route.provider.protocol)
-                prepare = getattr(ad, "prepare", None)
-                if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
-                    await prepare(ep)
-                ureq = ad.build(ep, route, call.op, body, call.stream)
-                resp = await self._send(ep, route, ureq)
-            except HTTPError as e:
-                release()
-                last_err = e
-                if route is not candidates[-1] and (e.status in _RETRY_STATUS or e.status in (401, 403)):
-                    continue
-                raise
-            except BaseException:
-                release()
-                raise
-            call.served = route
-            if call.stream:
-                return self._stream_response(call, resp, ad, route, ep, release)
-            try:
-                data = await resp.read()
+            for _ in range(_NODE_REPICKS):
                 try:
-                    obj = ad.parse(route, call.op, data)
-                except Exception as e:  # noqa: BLE001
-                    raise HTTPError(502, f"The upstream for '{route.name}' sent a response that could not be "
-                                         f"read: {scrub(str(e), ep.api_key)}", code="bad_upstream_response")
-            except UpstreamError as e:
-                raise self._upstream_http_error(e, route) from None
-            finally:
-                release()
-            cost = call.account(obj.get("usage"))
-            headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode())]
-            self._extra_headers(call, route, headers)
-            call.finish()
-            return Response(orjson.dumps(obj), 200, headers)
+                    ep, release = gw.endpoint_for(route)
+                except HTTPError as e:
+                    last_err = e
+                    break
+                try:
+                    ad = adapter(route.provider.protocol)
+                    prepare = getattr(ad, "prepare", None)
+                    if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
+                        await prepare(ep)
+                    ureq = ad.build(ep, route, call.op, body, call.stream)
+                    resp = await self._send(ep, route, ureq)
+                except _EngineGone:
+                    release()
+                    last_err = gw.nodes.lost(route, ep)   # out of rotation until its node says otherwise
+                    continue                              # another replica, if there is one
+                except HTTPError as e:
+                    release()
+                    last_err = e
+                    break
+                except BaseException:
+                    release()
+                    raise
+                call.served = route
+                if call.stream:
+                    return self._stream_response(call, resp, ad, route, ep, release)
+                return self._complete(call, resp, ad, route, ep, release, await self._read(resp, route, ep, release))
+            if route is candidates[-1] or last_err.status not in _RETRY_STATUS:
+                break
         assert last_err is not None
         raise last_err
+
+    @staticmethod
+    async def _read(resp: UpstreamResponse, route: Route, ep: Endpoint, release) -> bytes:
+        try:
+            return await resp.read()
+        except UpstreamError as e:
+            release()
+            raise upstream_errors.from_transport(e, route, ep) from None
+
+    def _complete(self, call: Call, resp: UpstreamResponse, ad, route: Route, ep: Endpoint, release,
+                  data: bytes) -> Response:
+        release()
+        try:
+            obj = ad.parse(route, call.op, data)
+        except Exception as e:  # noqa: BLE001
+            raise HTTPError(502, f"The upstream for '{route.name}' sent a response that could not be "
+                                 f"read: {scrub(str(e), ep.api_key)}", code="bad_upstream_response") from None
+        cost = call.account(obj.get("usage"))
+        headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode())]
+        self._extra_headers(call, route, headers)
+        call.finish()
+        return Response(orjson.dumps(obj), 200, headers)
 
     async def _send(self, ep: Endpoint, route: Route, ureq) -> UpstreamResponse:
         """One upstream exchange up to the response headers, with retries while nothing was sent."""
@@ -280,14 +312,17 @@ class Pipeline:
         t = conf.timeouts
         timeouts = Timeouts(t.connect, t.first_byte, t.read, t.total)
         attempts = conf.retry.attempts + 1
+        r = conf.retry
         for attempt in range(attempts):
             resp = None
             try:
                 resp = await self.gw.pool.request(ep.target, b"POST", ureq.path, ureq.headers, ureq.body, timeouts)
             except UpstreamError as e:
+                if conf.local and e.kind == "connect" and "served_model" in ep.extra:
+                    raise _EngineGone() from None   # a node's engine that stopped: pick another, don't wait
                 retryable = e.kind in ("connect", "closed") or (e.kind == "timeout" and "connect" in str(e))
                 if not retryable or attempt + 1 >= attempts:
-                    raise self._upstream_http_error(e, route) from None
+                    raise upstream_errors.from_transport(e, route, ep) from None
             else:
                 if resp.status < 400:
                     return resp
@@ -295,30 +330,20 @@ class Pipeline:
                     data = await resp.read()
                 except UpstreamError:
                     data = b""
+                ra = _retry_after(resp)
                 if resp.status not in _RETRY_STATUS or attempt + 1 >= attempts \
-                        or resp.header("x-should-retry") == "false":
-                    msg = scrub(adapter(route.provider.protocol).error_message(resp.status, data), ep.api_key)
-                    ra = resp.header("retry-after") if resp.status in (429, 503) else None
-                    raise HTTPError(resp.status, f"{route.provider_name} returned HTTP {resp.status} for "
-                                                 f"'{route.name}': {msg}", code="upstream_error",
-                                    type="upstream_error" if resp.status >= 500 else None,
-                                    headers=[(b"retry-after", ra.encode())] if ra  # e.g. an engine's full queue
-                                    else [_NO_RETRY] if resp.status >= 500 else None)
-            r = conf.retry
+                        or resp.header("x-should-retry") == "false" or (ra is not None and ra > _RA_HOLD * r.max_backoff):
+                    # Out of tries, or told to wait longer than this gateway holds a request: the client
+                    # gets the upstream's retry-after and decides.
+                    raise upstream_errors.from_response(
+                        resp.status, data, resp.header("retry-after"),
+                        adapter(route.provider.protocol).error_message(resp.status, data), route, ep)
             delay = min(r.max_backoff, r.backoff * (2 ** attempt)) * (0.5 + random.random() / 2)
             ra = _retry_after(resp)
             if ra is not None:
-                delay = min(max(delay, ra), r.max_backoff * 4)
+                delay = max(delay, ra)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _upstream_http_error(e: UpstreamError, route: Route) -> HTTPError:
-        if e.kind == "timeout":
-            return HTTPError(504, f"The upstream for '{route.name}' timed out: {e}", code="upstream_timeout",
-                             type="timeout_error", headers=[_NO_RETRY])
-        return HTTPError(502, f"The upstream for '{route.name}' is unreachable: {e}", code="upstream_unreachable",
-                         type="upstream_error", headers=[_NO_RETRY])
 
     @staticmethod
     def _extra_headers(call: Call, served: Route, headers: list) -> None:
@@ -357,7 +382,7 @@ class Pipeline:
                 yield b"".join(out)
             if tr.error:
                 call.status = 502
-                call.error = tr.error
+                call.error = scrub(tr.error, ep.api_key)
             usage = normalize_usage(tr.usage) if tr.usage is not None else None
             call.account(usage)
             if usage is not None and call.include_usage:
@@ -368,8 +393,14 @@ class Pipeline:
                 chunk["usage"] = usage
                 yield data_event(orjson.dumps(chunk))
             yield DONE
-        except (UpstreamError, StreamError) as e:
-            call.status = 502 if not isinstance(e, StreamError) else e.status
+        except (asyncio.CancelledError, GeneratorExit):
+            call.status = 499          # the client went away mid-stream
+            call.error = "client disconnected during the stream"
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever broke, the client gets an error event
+            if not isinstance(e, (UpstreamError, StreamError)):
+                log.exception("stream relay for %s failed", call.id)
+            call.status = e.status if isinstance(e, StreamError) else 502
             call.error = scrub(str(e), ep.api_key)
             yield data_event(orjson.dumps({"error": {
                 "message": f"The upstream stream for '{route.name}' failed: {call.error}",

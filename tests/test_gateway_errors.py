@@ -1,6 +1,7 @@
 """Every bad input gets a clear OpenAI-shaped error with the right status; no secret leaks."""
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -144,6 +145,22 @@ def test_upstream_error_status_and_message_pass_through(gateway, api_key, fresh_
                                                       "code": None}}))
     err = assert_error(post(gateway, key=api_key, json=CHAT), 400, "too long", "openai")
     assert err["code"] == "upstream_error"
+    # the upstream's own code and param reach the client (SDK users branch on them)
+    fresh_mock.script.append(Scripted(400, {"error": {"message": "This model's maximum context length is 128000",
+                                                      "type": "invalid_request_error", "param": "messages",
+                                                      "code": "context_length_exceeded"}}))
+    with pytest.raises(openai.BadRequestError) as e:
+        openai.OpenAI(api_key=api_key, base_url=gateway.url).chat.completions.create(**CHAT)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "messages"
+    # an upstream that quotes the gateway's provider key back (the real APIs mask it; some proxies don't)
+    fresh_mock.script.append(Scripted(400, {"error": {"message": f"debug: key {fresh_mock.api_key} rejected"}}))
+    r = post(gateway, key=api_key, json=CHAT)
+    assert "debug: key *** rejected" in r.text and fresh_mock.api_key not in r.text
+    # the provider refusing the gateway's own credentials is not the client's 401
+    fresh_mock.script.append(Scripted(401, {"error": {"message": "Incorrect API key provided: sk-pr***",
+                                                      "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    err = assert_error(post(gateway, key=api_key, json=CHAT), 502, "Your API key is fine")
+    assert err["code"] == "upstream_auth_error"
 
 
 def test_no_secret_in_logs_or_error_bodies(tmp_path, mock_openai):
@@ -168,7 +185,8 @@ def test_no_secret_in_logs_or_error_bodies(tmp_path, mock_openai):
             for body in (CHAT, {**CHAT, "model": "anthropic/claude-haiku"}, {"model": "x"}, {**CHAT, "stream": True}):
                 r = httpx.post(url + "/v1/chat/completions", headers=h, json=body, timeout=30)
                 bodies.append(r.text)
-        assert any("openai returned HTTP 401" in b for b in bodies)
+        auth = [json.loads(b)["error"] for b in bodies if "refused this gateway's credentials" in b]
+        assert auth and all(e["code"] == "upstream_auth_error" for e in auth)   # not the client's 401
     finally:
         proc.stop()
     log = proc.output()
@@ -176,3 +194,29 @@ def test_no_secret_in_logs_or_error_bodies(tmp_path, mock_openai):
     for secret in (provider_key, provider_key[:12], key, MASTER_KEY, "SECRETANTHROPIC", mock_openai.api_key):
         assert secret not in everything, secret
     assert "sk-client-typo" not in everything
+
+
+def test_base_url_pointing_at_the_gateway_itself_is_a_508_not_a_loop(tmp_path, mock_openai):
+    """OPENAI_BASE_URL left pointing at this gateway (a shell where the SDK was aimed at it)."""
+    from tests.conftest import write_catalog
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**provider_env(mock_openai), "OPENAI_BASE_URL": url + "/v1", "OPENAI_API_KEY": "sk-some-cborg-key-123",
+           "CBORG_CONFIG": str(write_catalog(tmp_path / "models.yaml", mock_openai.url)),
+           "CBORG_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}", "CBORG_MASTER_KEY": MASTER_KEY}
+    proc = gateway_proc(port, env, tmp_path / "gw.log")
+    try:
+        wait_http(url + "/health/liveliness", proc=proc.p)
+        key = httpx.post(url + "/key/generate", headers={"Authorization": f"Bearer {MASTER_KEY}"},
+                         json={"user_id": "loop@lbl.gov"}).json()["key"]
+        t = time.time()
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=CHAT, timeout=10)
+        assert r.status_code == 508 and "points at this gateway" in r.json()["error"]["message"], r.text
+        assert r.headers["x-should-retry"] == "false" and time.time() - t < 2
+        # the xAI provider still goes where it should
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                       json={**CHAT, "model": "xai/grok"}, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        proc.stop()
+    assert proc.output().count('"status":508') == 1     # the one request, answered once: no loop

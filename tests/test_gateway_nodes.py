@@ -172,3 +172,26 @@ def test_models_admin_api(tmp_path, mock_node, mock_openai):
         assert r.status_code == 404 and "No node 'elsewhere'" in r.json()["error"]["message"]
         assert httpx.get(g.url + "/admin/models/status").status_code == 401
     assert MASTER_KEY
+
+
+def test_engine_gone_since_the_last_poll_is_skipped_not_a_502(tmp_path, mock_node, mock_openai):
+    """An engine killed (or unloaded) after the gateway's last poll: its requests go to another
+    replica; with none left, a 503 with retry-after (the SDK waits and retries), never a 502."""
+    from tests.helpers.servers import free_port
+    mock_openai.reset()
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    mock_node.deployments = [deployment("gone", "lbl/llama", url=dead, api_key="k"),
+                             deployment("alive", "lbl/llama", url=mock_openai.url + "/v1",
+                                        api_key=mock_openai.api_key)]
+    with gateway(tmp_path, mock_node) as g:
+        g.wait_model("lbl/llama")
+        wait_until(lambda: len(g.gw.nodes.models["lbl/llama"].replicas) == 2)
+        key = g.new_key()
+        assert [chat(g, key).status_code for _ in range(6)] == [200] * 6
+        assert len(mock_openai.requests) == 6
+        mock_node.deployments = [deployment("gone", "lbl/llama", url=dead, api_key="k")]
+        wait_until(lambda: len(g.gw.nodes.models["lbl/llama"].replicas) == 1)   # the node still says ready
+        for _ in range(3):
+            r = chat(g, key)
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert r.json()["error"]["code"] == "model_unavailable"

@@ -284,9 +284,9 @@ def test_bad_input_gives_openai_shaped_400(cgw, ckey, fresh, name, bad, param, w
     assert not any(m.requests for m in (fresh.anthropic, fresh.gemini, fresh.bedrock))
 
 
-@pytest.mark.parametrize("provider,model,status", [("anthropic", "anthropic/claude-sonnet", 401),
-                                                   ("google", "google/gemini-flash", 400),
-                                                   ("aws", "aws/llama-3.1-70b", 403)])
+@pytest.mark.parametrize("provider,model,status", [("anthropic", "anthropic/claude-sonnet", 502),   # 401 upstream
+                                                   ("google", "google/gemini-flash", 400),   # Gemini says 400
+                                                   ("aws", "aws/llama-3.1-70b", 502)])       # 403 upstream
 def test_provider_keys_never_in_errors_or_logs(mocks, tmp_path, caplog, provider, model, status):
     """A gateway with wrong provider credentials, and an upstream that echoes the key it was sent."""
     env = {**mocks.env(), "ANTHROPIC_API_KEY": "sk-ant-api03-WRONGKEY-abcdefghijklmnop",
@@ -300,6 +300,8 @@ def test_provider_keys_never_in_errors_or_logs(mocks, tmp_path, caplog, provider
                        json={"model": model, "messages": [{"role": "user", "content": "x"}]})
         assert r.status_code == status, r.text
         assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        if status == 502:    # the gateway's credentials refused: not the client's key at fault
+            assert r.json()["error"]["code"] == "upstream_auth_error"
         bodies = [r.text]
         # an upstream that quotes the key back in its error message
         mock = mocks.by_provider(provider)
