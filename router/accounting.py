@@ -24,8 +24,22 @@ def format_cost(cost: float) -> bytes:
     return repr(round(cost, 12)).encode()
 
 
+_IMAGE_TOKENS = 1_000   # what an inline image counts as: providers charge hundreds to ~1,600 tokens
+
+
 def estimate_tokens(text: bytes) -> int:
     """About four bytes a token: the usual rule of thumb for English text and JSON. Used for cost
     estimates and for admitting a request against a tokens-per-minute limit before the upstream
-    reports the true count (which then replaces the estimate)."""
-    return (len(text) + 3) // 4
+    reports the true count (which then replaces the estimate). Inline (base64) images count as
+    `_IMAGE_TOKENS` each, not by their size: a photo's megabytes are not a million tokens."""
+    n = len(text)
+    images = 0
+    i = text.find(b";base64,")
+    while i != -1:
+        end = text.find(b'"', i)
+        if end == -1:
+            break
+        n -= end - i
+        images += 1
+        i = text.find(b";base64,", end)
+    return (n + 3) // 4 + images * _IMAGE_TOKENS

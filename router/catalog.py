@@ -147,10 +147,17 @@ class CatalogConf(BaseModel):
             if a.name in names:
                 raise ValueError(f"aliases[{i}]: name {a.name!r} is already used")
             names.add(a.name)
+        by_name = {m.name: m for m in self.models}
+        by_name.update({a.name: by_name[a.target] for a in self.aliases})
         for i, m in enumerate(self.models):
             for f in m.fallbacks:
                 if f not in names:
                     raise ValueError(f"models[{i}] ({m.name}): fallback {f!r} is not a model name")
+                # Budgets are checked on the requested model: a free model falling back to a paid
+                # one would spend without a budget check.
+                if not self.providers[m.provider].commercial and self.providers[by_name[f].provider].commercial:
+                    raise ValueError(f"models[{i}] ({m.name}): fallback {f!r} is a commercial model; a free "
+                                     "model's fallbacks must be free (budgets apply to commercial models)")
         return self
 
 
@@ -240,6 +247,23 @@ class Catalog:
 
     def public_names(self) -> list[str]:
         return list(self.routes)
+
+    def key_models(self, names: list[str]) -> list[str]:
+        """A key's model list with each name in its canonical spelling (what the per-request check
+        compares), patterns (`openai/*`, `*`) kept. An unknown name is an error: a typo would
+        otherwise make a key that is refused everywhere."""
+        out, unknown = [], []
+        for n in names:
+            if n in ("*", "all-proxy-models") or n.endswith("/*"):
+                out.append(n)
+            elif (r := self.resolve(n)) is not None:
+                out.append(r.name)
+            else:
+                unknown.append(n)
+        if unknown:
+            raise ValueError(f"unknown model{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: "
+                             "`cborg models status` or GET /v1/models lists the names")
+        return out
 
 
 def load_catalog(path: str | os.PathLike) -> Catalog:

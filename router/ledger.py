@@ -84,7 +84,8 @@ class Ledger:
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
 
     async def stop(self) -> None:
-        await stop_task(self._task)
+        async with self._lock:   # never cancel the writer inside a flush: its rows would be lost
+            await stop_task(self._task)
         for _ in range(5):   # everything queued goes out before the store closes
             await self.flush()
             if not self._rows:

@@ -193,3 +193,29 @@ def test_postgres_migrations_idempotent_and_concurrent(pg_url):
         return v
     from router.store.postgres import MIGRATIONS
     assert asyncio.run(main()) == len(MIGRATIONS)
+
+
+async def test_stop_during_a_slow_flush_loses_no_row():
+    """Stopping while the writer is inside a flush (a slow database) waits for it, then flushes the rest."""
+    from router.ledger import Ledger
+
+    class SlowStore:
+        def __init__(self):
+            self.rows, self.writing = [], asyncio.Event()
+
+        async def write_ledger(self, rows, keys, users, now):
+            self.writing.set()
+            await asyncio.sleep(0.3)          # a cancellation here would roll the batch back
+            self.rows += rows
+
+    store = SlowStore()
+    led = Ledger(store, interval=0.01, log_requests=False)
+    await led.start()
+    row = lambda i: (f"r{i}", 0.0, "k", "u", "m", "m", "p", 1, 0, 1, 0.5, 200, 1.0, None, False, False)  # noqa: E731
+    for i in range(10):
+        led.add(row(i), None, None, None)
+    await asyncio.wait_for(store.writing.wait(), 2)
+    for i in range(10, 15):
+        led.add(row(i), None, None, None)
+    await led.stop()
+    assert sorted(r[0] for r in store.rows) == sorted(f"r{i}" for i in range(15))

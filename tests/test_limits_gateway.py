@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 
 import httpx
 import openai
 import pytest
 
 from tests.conftest import admin_new_key, gateway_replicas, running_gateway
+from tests.mocks.openai_mock import Scripted
 
 CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -36,6 +38,46 @@ def test_parallel_5_of_50_in_process(tmp_path, fresh_mock):
             assert "parallel" in err["message"] and "5" in err["message"] and err["code"] == "rate_limit_exceeded"
             assert r.headers["retry-after"] == "1"
     assert len(fresh_mock.requests) == codes.count(200)
+
+
+def test_on_premises_models_default_to_5_parallel_per_user(tmp_path, fresh_mock):
+    """The CBorg docs' limit, from models.yaml's defaults: no key setting needed; aliases count too."""
+    fresh_mock.delay = 0.5
+    with running_gateway(tmp_path, fresh_mock) as gw:
+        key = gw.new_key("onprem@lbl.gov")
+        body = {"model": "lbl/cborg-chat:latest", "messages": [{"role": "user", "content": "hi"}]}
+        rs = asyncio.run(burst([gw.url], key, 12, body))
+    codes = [r.status_code for r in rs]
+    assert codes.count(200) == 5 and codes.count(429) == 7, codes
+    assert fresh_mock.max_active == 5
+    msg = next(r for r in rs if r.status_code == 429).json()["error"]["message"]
+    assert "user onprem@lbl.gov on lbl/llama" in msg and "5 in flight" in msg
+
+
+def test_parallel_slots_come_back_after_disconnects_and_failures(tmp_path, fresh_mock):
+    """A client that leaves mid-stream, a stream the upstream cuts, an upstream error: none keeps its slot."""
+    with running_gateway(tmp_path, fresh_mock) as gw:
+        key = gw.new_key(max_parallel_requests=1)
+        h = {"Authorization": f"Bearer {key}"}
+        fresh_mock.chunk_delay = 0.3
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", headers=h,
+                          json={**CHAT, "stream": True, "messages": [{"role": "user", "content": "a b c d e f g"}]}) as r:
+            next(r.iter_lines())                            # one chunk, then the client goes away
+        fresh_mock.chunk_delay = 0.0
+        fresh_mock.script.append(Scripted(cut_after=2))
+        httpx.post(gw.url + "/v1/chat/completions", headers=h, json={**CHAT, "stream": True})
+        fresh_mock.script.append(Scripted(400, {"error": {"message": "bad", "type": "invalid_request_error"}}))
+        assert httpx.post(gw.url + "/v1/chat/completions", headers=h, json=CHAT).status_code == 400
+        deadline = time.time() + 3
+        while True:
+            r = httpx.post(gw.url + "/v1/chat/completions", headers=h, json=CHAT)
+            if r.status_code == 200 or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        time.sleep(1.0)                                     # a ledger flush
+        statuses = [x["status"] for x in gw.run(gw.gw.store.ledger_rows())]
+        assert 499 in statuses and 502 in statuses and 400 in statuses, statuses   # each recorded as it ended
 
 
 def test_parallel_5_of_50_across_two_replicas(tmp_path, fresh_mock, pg_url, redis_url, redis_prefix):
@@ -101,7 +143,8 @@ def test_budget_crossed_mid_stream_stops_next_request_not_current(tmp_path, fres
         assert cost > 0.0002
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(**CHAT)
-        assert "Budget exceeded for key" in str(e.value) and "$0.00" in str(e.value)
+        assert "Budget exceeded for key" in str(e.value) and "of the $0.0002 budget" in str(e.value)
+        assert e.value.response.headers["x-should-retry"] == "false"
         # free models keep answering after the budget is spent
         r = c.chat.completions.create(model="lbl/cborg-chat:latest", messages=[{"role": "user", "content": "hi"}])
         assert r.choices[0].message.content == "echo: hi"
@@ -134,7 +177,8 @@ def test_user_budget_default_and_user_info(tmp_path, fresh_mock):
         d = r.json()
         ui = d["user_info"]
         assert ui["user_id"] == "ada@lbl.gov" and ui["max_budget"] == 0.0001 and ui["spend"] > 0.0001
-        assert ui["budget_reset_at"] > time.time() + 29 * 86400
+        reset = datetime.fromisoformat(ui["budget_reset_at"].replace("Z", "+00:00")).timestamp()
+        assert reset > time.time() + 29 * 86400
         assert len(d["keys"]) == 2 and k1 not in r.text
         assert httpx.get(gw.url + "/user/info?user_id=other@lbl.gov",
                          headers={"Authorization": f"Bearer {k2}"}).status_code == 403

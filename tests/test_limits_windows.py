@@ -136,6 +136,32 @@ async def test_tpm_admits_on_estimate_then_corrects_to_usage(make):
     await lim.stop()
 
 
+async def test_tpm_counts_a_long_request_when_it_ends(make):
+    """A request that outlives the window (a long stream) still counts its tokens, at its end."""
+    lim, clock = make()
+    await lim.start()
+    k = key(tpm=1000)
+    c = call(k, est=10)
+    a = await lim.admit(c)
+    clock.t += 61                               # the admission second has left the window
+    c.usage = {"prompt_tokens": 10, "completion_tokens": 890}
+    a.finish(c)
+    await settle(lim)
+    a2 = await lim.admit(call(k, est=50))        # 900 used in this window: 50 more fit, 150 would not
+    assert any(h[0] == b"x-ratelimit-remaining-tokens" and int(h[1]) == 1000 - 900 - 50 for h in a2.headers)
+    with pytest.raises(HTTPError):
+        await lim.admit(call(k, est=100))
+    clock.t += 30                               # the estimate alone left, and its second stays in the window
+    c3 = call(k, est=30)
+    a3 = await lim.admit(c3)
+    c3.usage = {"prompt_tokens": 5, "completion_tokens": 5}   # used fewer than estimated: the rest comes back
+    a3.finish(c3)
+    await settle(lim)
+    a4 = await lim.admit(call(k, est=1))
+    assert any(h[0] == b"x-ratelimit-remaining-tokens" and int(h[1]) == 1000 - 900 - 50 - 10 - 1 for h in a4.headers)
+    await lim.stop()
+
+
 async def test_parallel_slots_released_on_finish(make):
     lim, _ = make()
     await lim.start()

@@ -19,6 +19,11 @@ _LIMIT_NAMES = {"parallel": "parallel requests", "rpm": "requests per minute", "
                 "budget": "budget"}
 
 
+def usd(v: float) -> str:
+    """Dollars as people read them: $50.00, $0.42, and small budgets with their digits ($0.0002)."""
+    return f"${v:,.2f}" if v >= 0.01 or v == 0 else f"${v:.2g}"
+
+
 def reject(check: Check, limit: str, value: float, used: float, reset_in: float | None,
            need: int = 0, reset_at: float | None = None) -> HTTPError:
     """The 429 for one exceeded limit: which, its value, and when it resets."""
@@ -29,7 +34,7 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
         retry = 1
     elif limit == "budget":
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reset_at)) if reset_at else "never (no budget period)"
-        msg = (f"Budget exceeded for {who}: spent ${used:.4f} of the ${value:.2f} budget for commercial models; "
+        msg = (f"Budget exceeded for {who}: spent {usd(used)} of the {usd(value)} budget for commercial models; "
                f"it resets {('at ' + when) if reset_at else when}. Free lbl/* models remain available.")
         retry = max(1, math.ceil(reset_in)) if reset_in is not None else 3600
     else:
@@ -37,8 +42,10 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
         msg = (f"Rate limit reached for {who}: {int(value)} {_LIMIT_NAMES[limit]} (used {int(used)}{extra}). "
                f"Resets in {max(1, math.ceil(reset_in or 1))} s.")
         retry = max(1, math.ceil(reset_in or 1))
-    err = HTTPError(429, msg, code="rate_limit_exceeded", type="rate_limit_error",
-                    headers=[(b"retry-after", str(retry).encode())])
+    headers = [(b"retry-after", str(retry).encode())]
+    if limit == "budget":
+        headers.append((b"x-should-retry", b"false"))   # days away: the SDK's quick retries cannot help
+    err = HTTPError(429, msg, code="rate_limit_exceeded", type="rate_limit_error", headers=headers)
     err.limit = limit  # type: ignore[attr-defined]
     err.scope_kind = check.kind  # type: ignore[attr-defined]
     return err
@@ -67,6 +74,18 @@ def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes,
               (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tok[1])),
               (b"x-ratelimit-reset-tokens", _reset_str(tok[2]))]
     return h
+
+
+def fit_estimate(est: int | None, checks) -> int | None:
+    """The token estimate a request is admitted on, at most the smallest tokens-per-minute limit.
+
+    The estimate is rough (bytes / 4); one above a limit would make the request inadmissible
+    forever while its real usage might fit. Capped, it is admitted once the window is empty and
+    counted at its real usage after. `est=None`: just the smallest limit (None if none)."""
+    for c in checks:
+        if c.tpm is not None and (est is None or est > c.tpm):
+            est = c.tpm
+    return est
 
 
 def tokens_used(call) -> int:

@@ -10,7 +10,7 @@ import collections
 import time
 from typing import Callable
 
-from . import ratelimit_headers, reject, tokens_used
+from . import fit_estimate, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
 
@@ -38,6 +38,7 @@ class Window:
         self.total += n
 
     def adjust(self, sec: int, delta: int) -> None:
+        """Change the count of second `sec`, if it is still in the window."""
         for entry in reversed(self.buckets):
             if entry[0] == sec:
                 entry[1] += delta
@@ -45,6 +46,15 @@ class Window:
                 return
             if entry[0] < sec:
                 return
+
+    def settle(self, sec: int, est: int, now: int, used: int) -> None:
+        """A request's estimate (counted at admission, second `sec`) replaced by the tokens it used,
+        counted at the second it ended: a request longer than the window still counts in full."""
+        if est:
+            self.adjust(sec, -est)
+        if used:
+            b = self.buckets
+            self.add(max(now, b[-1][0]) if b else now, used)
 
     def reset_in(self, now: float, need: int, limit: int) -> float:
         """Seconds until `need` more fits under `limit`."""
@@ -116,7 +126,7 @@ class MemoryLimiter:
         checks = self.policy.checks(key, call.route)
         now = self.clock()
         sec = int(now)
-        est = call.prompt_estimate
+        est = fit_estimate(call.prompt_estimate, checks)
         req_h = tok_h = None
         for c in checks:
             if c.parallel is not None and self.inflight[c.scope] >= c.parallel:
@@ -154,15 +164,15 @@ class MemoryLimiter:
         return MemAdmission(self, checks, sec, est, headers, (ks, f"u:{key.user_id}"))
 
     def _finish(self, adm: MemAdmission, call) -> None:
-        delta = tokens_used(call) - adm.est
+        used = tokens_used(call)
+        now = self.clock()
         for c in adm.checks:
             if c.parallel is not None:
                 self.inflight[c.scope] -= 1
-            if c.tpm is not None and delta:
-                self.tok[c.scope].adjust(adm.sec, delta)
+            if c.tpm is not None and used != adm.est:
+                self.tok[c.scope].settle(adm.sec, adm.est, int(now), used)
         cost = call.cost
         if cost:
-            now = self.clock()
             for scope in adm.scopes:
                 s = self.spend.get(scope)
                 if s is not None:

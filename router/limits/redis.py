@@ -17,7 +17,7 @@ from typing import Callable
 
 from cborg.tasks import stop_task
 
-from . import OPEN, ratelimit_headers, reject, tokens_used
+from . import OPEN, fit_estimate, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
 from .resp import RedisError, RespClient, pack_args, sha1
@@ -113,16 +113,28 @@ return out
 """
 
 # KEYS: 3 per check (parallel zset, token window, budget hash)
-# ARGV: request id, admission second, token correction, cost, now, number of checks, then 3 per check:
-#       has parallel, has tpm, period (-1 none; -2 no budget)
+# ARGV: request id, admission second, token estimate, tokens used, cost, now, number of checks, then 3
+#       per check: has parallel, has tpm, period (-1 none; -2 no budget)
+# The estimate leaves its admission second (if still in the window) and the tokens used are counted
+# in the second the request ends: a request longer than the window still counts in full.
 FINISH = """
-local rid, sec, delta, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local rid, sec, est, used, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local fsec = math.floor(now)
 for i = 0, n - 1 do
-  local a = 7 + i * 3
+  local a = 8 + i * 3
   if ARGV[a] == '1' then redis.call('ZREM', KEYS[i * 3 + 1], rid) end
-  if ARGV[a + 1] == '1' and delta ~= 0 and redis.call('HEXISTS', KEYS[i * 3 + 2], sec) == 1 then
-    redis.call('HINCRBY', KEYS[i * 3 + 2], sec, delta)
-    redis.call('HINCRBY', KEYS[i * 3 + 2], 't', delta)
+  if ARGV[a + 1] == '1' and est ~= used then
+    local kt = KEYS[i * 3 + 2]
+    if est ~= 0 and redis.call('HEXISTS', kt, sec) == 1 then
+      redis.call('HINCRBY', kt, sec, -est)
+      redis.call('HINCRBY', kt, 't', -est)
+    end
+    if used > 0 then
+      redis.call('HSETNX', kt, 'o', fsec - 59)
+      redis.call('HINCRBY', kt, fsec, used)
+      redis.call('HINCRBY', kt, 't', used)
+      redis.call('EXPIRE', kt, 120)
+    end
   end
   local period = tonumber(ARGV[a + 2])
   if period ~= -2 and cost > 0 and redis.call('EXISTS', KEYS[i * 3 + 3]) == 1 then
@@ -152,7 +164,8 @@ class Commands:
     Only a few arguments differ per request (time, request id, estimate); the rest is encoded once
     per (key version, route) and spliced in, which keeps the gateway's CPU per request low."""
 
-    __slots__ = ("admit_head", "admit_tail", "admit_n", "finish_head", "finish_tail", "finish_n", "par_keys")
+    __slots__ = ("admit_head", "admit_tail", "admit_n", "finish_head", "finish_tail", "finish_n", "par_keys",
+                 "tpm_cap")
 
     def __init__(self, lim: "RedisLimiter", checks: tuple[Check, ...]):
         keys, args, fkeys, fargs = [], [], [], []
@@ -170,8 +183,9 @@ class Commands:
         self.admit_n = 3 + len(keys) + 6 + len(args)
         self.finish_head = pack_args("EVALSHA", sha1(FINISH), len(fkeys), *fkeys)
         self.finish_tail = pack_args(*fargs) if fargs else b""
-        self.finish_n = 3 + len(fkeys) + 6 + len(fargs)
+        self.finish_n = 3 + len(fkeys) + 7 + len(fargs)
         self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
+        self.tpm_cap = fit_estimate(None, checks)
 
     def admit(self, *head) -> bytes:
         return b"*%d\r\n" % self.admit_n + self.admit_head + pack_args(*head) + self.admit_tail
@@ -265,15 +279,16 @@ class RedisLimiter:
             cmds = self._cmds[checks] = Commands(self, checks)
         now = self.clock()
         sec = int(now)
-        est = call.prompt_estimate
+        est = call.prompt_estimate if cmds.tpm_cap is None else min(call.prompt_estimate, cmds.tpm_cap)
         packed = cmds.admit(now, sec, call.id, now + self.lease_s, est, len(checks))
         try:
-            for _ in range(3):
+            for _ in range(len(checks) + 1):
                 res = await self._run(packed)
-                if res[0] == 2:                       # a budget scope Redis does not know yet
-                    await self._seed(checks[res[1]], call.key)
-                    continue
-                break
+                if res[0] != 2:
+                    break
+                await self._seed(checks[res[1]], call.key)   # a budget scope Redis does not know yet
+            else:
+                raise RedisError("budget counters vanished while being seeded")
         except (RedisError, asyncio.TimeoutError) as e:
             self._error(e)
             return OPEN
@@ -318,7 +333,7 @@ class RedisLimiter:
         one is NOSCRIPT after a Redis restart; the next admission then reloads the scripts, and a
         slot lost that way frees itself when its lease ends."""
         self.held.pop(adm.rid, None)
-        packed = adm.cmds.finish(adm.rid, adm.sec, tokens_used(call) - adm.est, call.cost, self.clock(),
+        packed = adm.cmds.finish(adm.rid, adm.sec, adm.est, tokens_used(call), call.cost, self.clock(),
                                  len(adm.checks))
         try:
             self.redis.send_noreply(packed)
