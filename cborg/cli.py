@@ -89,7 +89,27 @@ def _key_fields(a) -> dict:
             out[field] = v
     if getattr(a, "expires", None) is not None:
         out["expires"] = a.expires
+    if "models" in out:
+        out["models"] = _key_models(out["models"])
     return out
+
+
+def _key_models(csv: str) -> list[str]:
+    """The --models list checked against the catalog (CBORG_CONFIG), in canonical spellings."""
+    from router.catalog import ConfigError, load_catalog
+    from router.config import Settings
+
+    names = [x.strip() for x in csv.split(",") if x.strip()]
+    path = Settings.from_env().config_path
+    try:
+        cat = load_catalog(path)
+    except (ConfigError, OSError):
+        print(f"cborg: warning: cannot read the catalog {path}; model names not checked", file=sys.stderr)
+        return names
+    try:
+        return cat.key_models(names)
+    except ValueError as e:
+        _die(f"--models: {e}")
 
 
 async def _keys(a) -> int:
@@ -102,7 +122,7 @@ async def _keys(a) -> int:
             fields = _key_fields(a)
             expires = fields.pop("expires", "365d")
             try:
-                secret, rec = await create_key(store, a.user, expires=expires, **fields)
+                secret, rec = await create_key(store, a.user, expires=expires, fields=fields)
             except KeyInputError as e:
                 _die(str(e))
             print(secret)

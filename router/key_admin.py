@@ -50,6 +50,17 @@ def _float(name: str, v: Any) -> float | None:
     return f
 
 
+def _bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool) or v in (0, 1):
+        return bool(v)
+    t = str(v).strip().lower()
+    if t in ("true", "yes", "1"):
+        return True
+    if t in ("false", "no", "0"):
+        return False
+    raise KeyInputError(f"{name} must be true or false")
+
+
 def key_changes(data: dict[str, Any]) -> dict[str, Any]:
     """Validated KeyRecord changes from a request body (LiteLLM or CBorg field names)."""
     out: dict[str, Any] = {}
@@ -78,7 +89,7 @@ def key_changes(data: dict[str, Any]) -> dict[str, Any]:
     if "metadata" in out and not isinstance(out["metadata"], dict):
         raise KeyInputError("metadata must be an object")
     if "blocked" in out:
-        out["blocked"] = bool(out["blocked"])
+        out["blocked"] = _bool("blocked", out["blocked"])
     for d in ("duration", "expires"):
         if d in data:
             try:
@@ -90,11 +101,11 @@ def key_changes(data: dict[str, Any]) -> dict[str, Any]:
 
 
 async def create_key(store: Store, user_id: str, *, expires: str | None = DEFAULT_EXPIRY,
-                     **fields: Any) -> tuple[str, KeyRecord]:
+                     fields: dict[str, Any] | None = None) -> tuple[str, KeyRecord]:
     """Make a key; returns the secret (shown once) and the stored record."""
     if not user_id or not isinstance(user_id, str):
         raise KeyInputError("user_id is required (the key owner's e-mail)")
-    changes = key_changes({**fields, "expires": expires})
+    changes = key_changes({**(fields or {}), "expires": expires})
     secret = generate_key()
     now = time.time()
     rec = KeyRecord(id=new_key_id(), key_hash=hash_key(secret), key_hint=key_hint(secret), user_id=user_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from datetime import datetime
 
 import httpx
 import openai
@@ -53,6 +54,56 @@ def test_async_client(gateway, api_key, fresh_mock):
         return rs
     rs = asyncio.run(main())
     assert sorted(r.choices[0].message.content for r in rs) == sorted(f"echo: n{i}" for i in range(8))
+
+
+def test_async_client_streams(gateway, api_key, fresh_mock):
+    async def main():
+        c = openai.AsyncOpenAI(api_key=api_key, base_url=gateway.url, max_retries=0)
+        out = []
+        for i in range(3):
+            s = await c.chat.completions.create(model="openai/gpt-4o", stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": f"async {i}"}])
+            out.append([ch async for ch in s])
+        await c.close()
+        return out
+    for i, chunks in enumerate(asyncio.run(main())):
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == f"echo: async {i}"
+        assert chunks[-1].usage.total_tokens > 0
+
+
+def test_raw_and_streaming_response_on_streams(client, fresh_mock):
+    raw = client.chat.completions.with_raw_response.create(
+        model="openai/gpt-4o", stream=True, messages=[{"role": "user", "content": "raw stream"}])
+    assert raw.headers["content-type"].startswith("text/event-stream") and raw.headers["x-request-id"]
+    text = "".join(ch.choices[0].delta.content or "" for ch in raw.parse() if ch.choices)
+    assert text == "echo: raw stream"
+    with client.chat.completions.with_streaming_response.create(
+            model="openai/gpt-4o", stream=True, messages=[{"role": "user", "content": "lines"}]) as r:
+        assert r.headers["x-request-id"].startswith("req-")
+        lines = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+
+
+@pytest.mark.parametrize("header", ["authorization-bare", "x-api-key", "api-key"])
+def test_other_key_headers(gateway, api_key, fresh_mock, header):
+    """Anthropic's SDK sends x-api-key, Azure-style clients api-key; some tools omit 'Bearer'."""
+    h = {"Authorization": api_key} if header == "authorization-bare" else {header: api_key}
+    r = httpx.post(gateway.url + "/v1/chat/completions", headers=h,
+                   json={"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "k"}]})
+    assert r.status_code == 200, r.text
+    assert httpx.post(gateway.url + "/v1/chat/completions", headers={header if header != "authorization-bare"
+                      else "Authorization": "sk-wrong-key-123456"},
+                      json={"model": "openai/gpt-4o", "messages": []}).status_code == 401
+
+
+def test_head_and_wrong_method(gateway, api_key):
+    h = {"Authorization": f"Bearer {api_key}"}
+    r = httpx.head(gateway.url + "/v1/models", headers=h)
+    assert r.status_code == 200 and r.content == b""
+    r = httpx.delete(gateway.url + "/v1/chat/completions", headers=h)
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_raw_response_headers(client, fresh_mock):
@@ -202,7 +253,9 @@ def test_key_info(gateway):
         info = r.json()["info"]
         assert info["key_alias"] == "laptop" and info["user_id"] == "info@lbl.gov"
         assert info["models"] == ["openai/gpt-4o"] and info["rpm_limit"] == 60
-        assert info["spend"] == 0 and info["expires"] > time.time() + 364 * 86400
+        expires = datetime.fromisoformat(info["expires"].replace("Z", "+00:00")).timestamp()
+        assert info["spend"] == 0 and expires > time.time() + 364 * 86400      # ISO 8601, as LiteLLM
+        assert info["max_budget"] is None and info["budget_reset_at"] is None  # no key budget configured
         assert key not in r.text
 
 

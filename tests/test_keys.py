@@ -72,6 +72,12 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "not a duration" in r.stderr
     r = cli("keys", "info", "key-nope", env=env)
     assert r.returncode == 1 and "no key" in r.stderr
+    r = cli("keys", "create", "--user", "x@lbl.gov", "--models", "openai/gpt-4o,gtp-4o-mini", env=env)
+    assert r.returncode == 2 and "unknown model 'gtp-4o-mini'" in r.stderr    # a typo, not a key refused everywhere
+    r = cli("keys", "create", "--user", "x@lbl.gov", "--models", "gpt-4o,anthropic/*,cborg-chat", env=env)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(cli("keys", "info", r.stdout.strip(), env=env).stdout)
+    assert info["models"] == ["openai/gpt-4o", "anthropic/*", "lbl/cborg-chat:latest"]
 
 
 def test_admin_api(gateway):
@@ -94,6 +100,19 @@ def test_admin_api(gateway):
     assert gateway.admin("POST", "/key/generate", json={"user_id": "u", "rpm_limit": "many"}).status_code == 400
     assert gateway.admin("POST", "/key/update", json={"key": "key-nothing", "rpm_limit": 1}).status_code == 404
     assert gateway.admin("POST", "/key/delete", json={}).status_code == 400
+    r = gateway.admin("POST", "/key/generate", json={"user_id": "u", "expires": "soon"})
+    assert r.status_code == 400 and "expires" in r.json()["error"]["message"]    # a 400 naming it, not a 500
+    r = gateway.admin("POST", "/key/generate", json={"user_id": "u", "expires": "2d", "store": 1})
+    assert r.status_code == 200 and r.json()["expires"] is not None
+    for text, blocked in (("false", False), ("true", True), (0, False)):
+        up = gateway.admin("POST", "/key/update", json={"key": key_id, "blocked": text})
+        assert up.status_code == 200 and up.json()["info"]["blocked"] is blocked, text
+    assert gateway.admin("POST", "/key/update", json={"key": key_id, "blocked": "maybe"}).status_code == 400
+    r = gateway.admin("POST", "/key/update", json={"key": key_id, "models": ["gtp-4o"]})
+    assert r.status_code == 400 and "gtp-4o" in r.json()["error"]["message"]
+    # deleting a list with an unknown key revokes none of them
+    assert gateway.admin("POST", "/key/delete", json={"keys": [key_id, "key-nothing"]}).status_code == 404
+    assert gateway.admin("GET", f"/key/info?key={key_id}").json()["info"]["revoked"] is False
     # a normal key is not the master key
     r = httpx.post(gateway.url + "/key/generate", headers={"Authorization": f"Bearer {d['key']}"},
                    json={"user_id": "x"})
@@ -133,6 +152,8 @@ def test_revocation_reaches_other_replica(tmp_path, mock_openai):
     (lambda c: c["models"][1].__setitem__("mode", "painting"), ["models[1] (lbl/qwen-coder)", "mode"]),
     (lambda c: c["models"][2].__setitem__("max_tokns", 5), ["models[2] (lbl/qwen-vision)", "max_tokns"]),
     (lambda c: c["aliases"][1].__setitem__("system_prompt", "prompts/missing.md"), ["prompts/missing.md"]),
+    (lambda c: c["models"][0].__setitem__("fallbacks", ["openai/gpt-4o"]),
+     ["models[0] (lbl/llama)", "openai/gpt-4o", "commercial"]),
 ])
 def test_config_errors_name_the_field(tmp_path, mutate, words):
     import yaml

@@ -26,6 +26,17 @@ async def _body(req: Request, gw: "Gateway") -> dict[str, Any]:
     return data
 
 
+def _canonical_models(gw: "Gateway", fields: dict) -> None:
+    m = fields.get("models")
+    if isinstance(m, str):
+        m = [x.strip() for x in m.split(",") if x.strip()]
+    if isinstance(m, list) and all(isinstance(x, str) for x in m):
+        try:
+            fields["models"] = gw.catalog.key_models(m)
+        except ValueError as e:
+            raise KeyInputError(f"models: {e}") from None
+
+
 def register(app: App, gw: "Gateway") -> None:
     async def lookup(ref: Any):
         if not isinstance(ref, str) or not ref:
@@ -39,15 +50,18 @@ def register(app: App, gw: "Gateway") -> None:
         require_master(gw, req)
         d = await _body(req, gw)
         user = d.get("user_id") or d.get("user")
-        fields = {k: v for k, v in d.items() if k not in ("user_id", "user", "duration")}
-        try:
-            secret, rec = await create_key(gw.store, user, expires=d.get("duration", "365d"), **fields)
+        fields = {k: v for k, v in d.items() if k not in ("user_id", "user", "duration", "expires")}
+        try:   # LiteLLM names the lifetime `duration`; CBorg's CLI and /key/update say `expires`
+            _canonical_models(gw, fields)
+            secret, rec = await create_key(gw.store, user, expires=d.get("duration", d.get("expires", "365d")),
+                                           fields=fields)
         except KeyInputError as e:
             raise HTTPError(400, str(e)) from None
         gw.keys.put(rec)
+        info = key_info(rec, gw.policy)
         return json_response({"key": secret, "key_id": rec.id, "token": rec.key_hash, "key_name": rec.key_hint,
                               "key_alias": rec.alias, "user_id": rec.user_id, "models": rec.models,
-                              "expires": rec.expires_at, "info": key_info(rec)})
+                              "expires": info["expires"], "info": info})
 
     async def update(req: Request):
         require_master(gw, req)
@@ -55,11 +69,12 @@ def register(app: App, gw: "Gateway") -> None:
         rec = await lookup(d.get("key"))
         try:
             changes = key_changes({k: v for k, v in d.items() if k != "key"})
+            _canonical_models(gw, changes)
         except KeyInputError as e:
             raise HTTPError(400, str(e)) from None
         rec = await gw.store.update_key(rec.id, changes) if changes else rec
         gw.keys.put(rec)
-        return json_response({"key": rec.id, "info": key_info(rec)})
+        return json_response({"key": rec.id, "info": key_info(rec, gw.policy)})
 
     async def set_blocked(req: Request, blocked: bool):
         require_master(gw, req)
@@ -82,8 +97,7 @@ def register(app: App, gw: "Gateway") -> None:
         if not isinstance(refs, list) or not refs:
             raise HTTPError(400, "Name the keys to delete: {\"keys\": [...]}.", param="keys")
         done = []
-        for ref in refs:
-            rec = await lookup(ref)
+        for rec in [await lookup(ref) for ref in refs]:   # all found, or none revoked
             rec = await revoke_key(gw.store, rec.id)
             gw.keys.put(rec)
             done.append(rec.id)
@@ -93,7 +107,7 @@ def register(app: App, gw: "Gateway") -> None:
         require_master(gw, req)
         user = req.query.get("user_id")
         keys = await gw.store.list_keys(user)
-        return json_response({"keys": [k.id for k in keys], "data": [key_info(k) for k in keys],
+        return json_response({"keys": [k.id for k in keys], "data": [key_info(k, gw.policy) for k in keys],
                               "total_count": len(keys)})
 
     app.route("/key/generate", "POST", generate)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import orjson
@@ -14,6 +15,7 @@ from ..catalog import Route
 from ..accounting import cost_of, estimate_tokens
 from ..key_admin import find_key
 from ..limits.budget import roll
+from ..limits.policy import Policy
 from ..providers.base import normalize_usage
 from ..pipeline import allowed
 from ..store.base import KeyRecord
@@ -51,25 +53,37 @@ def model_info(route: Route) -> dict:
     }
 
 
-def key_info(k: KeyRecord) -> dict:
-    """LiteLLM's /key/info `info` object, plus CBorg's names."""
+def iso(ts: float | None) -> str | None:
+    """Times as LiteLLM's API gives them: ISO 8601, UTC."""
+    return None if ts is None else \
+        datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def key_info(k: KeyRecord, policy: Policy, live_spend: float | None = None) -> dict:
+    """LiteLLM's /key/info `info` object, plus CBorg's names. Limits and budget are the ones that
+    apply (the key's own, else the configured defaults); spend is as of now's budget period."""
+    d = policy.conf.key
+    budget = policy.budget_scopes(k)[0]
+    spend, reset_at = roll(k.spend, k.budget_reset_at, budget.period_s, time.time()) \
+        if k.budget_reset_at is not None else (k.spend, None)   # a period starts with the first spend
     return {
         "key_id": k.id,
         "key_name": k.key_hint,
         "key_alias": k.alias,
         "user_id": k.user_id,
         "models": k.models,
-        "created_at": k.created_at,
-        "expires": k.expires_at,
+        "created_at": iso(k.created_at),
+        "expires": iso(k.expires_at),
         "blocked": k.blocked,
         "revoked": k.revoked_at is not None,
-        "spend": k.spend,
-        "max_budget": k.max_budget,
-        "budget_duration": k.budget_period,
-        "budget_reset_at": k.budget_reset_at,
-        "max_parallel_requests": k.max_parallel,
-        "rpm_limit": k.rpm,
-        "tpm_limit": k.tpm,
+        "spend": live_spend if live_spend is not None else spend,
+        "max_budget": budget.budget,
+        "budget_duration": k.budget_period or d.budget_period,
+        "budget_reset_at": iso(reset_at),
+        "budget_applies_to": "commercial models",
+        "max_parallel_requests": k.max_parallel if k.max_parallel is not None else d.parallel,
+        "rpm_limit": k.rpm if k.rpm is not None else d.rpm,
+        "tpm_limit": k.tpm if k.tpm is not None else d.tpm,
         "metadata": k.metadata,
     }
 
@@ -112,7 +126,8 @@ def register(app: App, gw: "Gateway") -> None:
             if ref and ref not in (key.id, key.key_hash, key.alias) and hash_key(ref) != key.key_hash:
                 raise HTTPError(403, "A key may only read its own info.", code="forbidden")
         fresh = await gw.store.find_key(rec.id)   # spend as of the last ledger flush (<= 0.5 s)
-        return json_response({"key": rec.id, "info": key_info(fresh or rec)})
+        return json_response({"key": rec.id, "info": key_info(fresh or rec, gw.policy,
+                                                              gw.limiter.spend_of(f"k:{rec.id}"))})
 
     async def user_info(req: Request):
         key = await caller_key(gw, req)
@@ -135,8 +150,8 @@ def register(app: App, gw: "Gateway") -> None:
         return json_response({"user_id": uid, "user_info": {
             "user_id": uid, "spend": live if live is not None else spend,
             "max_budget": user.max_budget if user and user.max_budget is not None else conf.budget,
-            "budget_duration": conf.budget_period, "budget_reset_at": reset_at,
-            "budget_applies_to": "commercial models"}, "keys": [key_info(k) for k in keys]})
+            "budget_duration": conf.budget_period, "budget_reset_at": iso(reset_at),
+            "budget_applies_to": "commercial models"}, "keys": [key_info(k, gw.policy) for k in keys]})
 
     async def cost_calculate(req: Request):
         await caller_key(gw, req)
