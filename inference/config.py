@@ -89,6 +89,7 @@ class EmbeddingsConf(_Strict):
     query_prefix: str = ""                     # put before a single-string input (a search query)
     document_prefix: str = ""                  # put before each string of a list input (documents)
     matryoshka_min_dimensions: int | None = Field(None, ge=1)   # `dimensions` allowed down to this; None: not Matryoshka
+    matryoshka_layer_norm: bool = False        # layer-norm the full vector before cutting (nomic-embed-text v1.5's recipe)
     truncate: bool = False                     # over-long inputs: cut to the model's limit instead of 400
     trust_remote_code: bool = False
     threads: int | None = Field(None, ge=1)

@@ -153,3 +153,20 @@ def test_node_reads_free_memory_off_its_event_loop(tmp_path, monkeypatch):
         t.cancel()
         return ticks
     assert asyncio.run(go()) >= 10
+
+
+def test_matryoshka_shortening_with_and_without_layer_norm():
+    """dimensions: cut, re-normalize; nomic-embed-text v1.5 wants a layer norm over the whole vector first."""
+    import numpy as np
+
+    from inference.engines.embeddings_server import shorten
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(3, 16)).astype("float32") + 0.5
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    plain = shorten(v, 8)
+    assert np.allclose(np.linalg.norm(plain, axis=1), 1) and np.allclose(plain, v[:, :8] / np.linalg.norm(v[:, :8], axis=1, keepdims=True))
+    ln = (v - v.mean(axis=1, keepdims=True)) / np.sqrt(v.var(axis=1, keepdims=True) + 1e-5)
+    want = ln[:, :8] / np.linalg.norm(ln[:, :8], axis=1, keepdims=True)
+    assert np.allclose(shorten(v, 8, layer_norm=True), want, atol=1e-6)
+    assert not np.allclose(shorten(v, 8, layer_norm=True), plain, atol=1e-3)
+    assert np.allclose(shorten(v, 16, layer_norm=True), v, atol=1e-6)   # the full size: no layer norm

@@ -163,9 +163,7 @@ class EmbeddingsEngine:
                             code="context_length_exceeded") from None
         vecs, tokens = r
         if dims is not None:
-            vecs = vecs[:, :dims]
-            norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-            vecs = vecs / np.maximum(norms, 1e-12)
+            vecs = shorten(vecs, dims, self.conf.matryoshka_layer_norm)
         vecs = np.ascontiguousarray(vecs, dtype="<f4")
         if fmt == "base64":
             data = [{"object": "embedding", "index": i, "embedding": base64.b64encode(v.tobytes()).decode()}
@@ -175,6 +173,17 @@ class EmbeddingsEngine:
         out = {"object": "list", "data": data, "model": self.name,
                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
         return Response(orjson.dumps(out, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def shorten(vecs: np.ndarray, dims: int, layer_norm: bool = False) -> np.ndarray:
+    """Matryoshka truncation: the first `dims` components, re-normalized to unit length. Some models
+    want a layer norm over the whole vector first (nomic-embed-text v1.5: layer_norm, slice,
+    normalize); cutting without it gives them worse short vectors."""
+    if layer_norm and dims < vecs.shape[1]:
+        mu = vecs.mean(axis=1, keepdims=True)
+        vecs = (vecs - mu) / np.sqrt(vecs.var(axis=1, keepdims=True) + 1e-5)
+    vecs = vecs[:, :dims]
+    return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
 
 
 def build_app(spec: Spec):
