@@ -258,6 +258,26 @@ async def test_redis_leases_renewed_while_in_flight(redis_url, redis_prefix):
     await lim.stop()
 
 
+async def test_redis_lease_renewal_reconnects_after_a_lost_connection(redis_url, redis_prefix):
+    """Only a long request in flight, and the connection drops: the renewer reconnects by itself."""
+    from router.limits.redis import RedisLimiter
+    clock = Clock()
+    pol = Policy(LimitsConf(user=LimitSet()))
+    lim = RedisLimiter(redis_url, pol, FakeStore(), lease_s=3, prefix=redis_prefix, clock=clock)
+    other = RedisLimiter(redis_url, pol, FakeStore(), lease_s=3, prefix=redis_prefix, clock=clock)
+    k = key(max_parallel=1)
+    await lim.admit(call(k))
+    lim.redis._proto.transport.close()             # Redis restarted, a network blip...
+    await asyncio.sleep(0.05)
+    clock.t += 2
+    await lim.renew_once()                         # what the renewer does every lease/3
+    clock.t += 2                                   # past the first lease: only the renewal holds it
+    with pytest.raises(HTTPError):
+        await other.admit(call(k))
+    await lim.redis.close()
+    await other.redis.close()
+
+
 async def test_redis_down_admits_open_and_counts_errors():
     from router.limits import OPEN
     from router.limits.redis import RedisLimiter

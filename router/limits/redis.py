@@ -349,17 +349,23 @@ class RedisLimiter:
     async def _renew(self) -> None:
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            if not self.held:
-                continue
-            expiry = self.clock() + self.lease_s
-            try:
-                futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
-                        for rid, adm in list(self.held.items()) for k in adm.cmds.par_keys]
-                for r in await asyncio.gather(*futs, return_exceptions=True):
-                    if isinstance(r, Exception):
-                        raise r
-            except (RedisError, asyncio.TimeoutError) as e:
-                self._error(e)
+            if self.held:
+                await self.renew_once()
+
+    async def renew_once(self) -> None:
+        """Extend the leases of this replica's in-flight requests, reconnecting if the connection was
+        lost (long streams may be all that is in flight: no admission would reconnect for them), and
+        never waiting on Redis for longer than a third of a lease."""
+        expiry = self.clock() + self.lease_s
+        try:
+            await self.redis.connect()
+            futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
+                    for rid, adm in list(self.held.items()) for k in adm.cmds.par_keys]
+            for r in await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), self.lease_s / 3):
+                if isinstance(r, Exception):
+                    raise r
+        except (RedisError, asyncio.TimeoutError) as e:
+            self._error(e)
 
     def spend_of(self, scope: str) -> float | None:
         return None

@@ -142,6 +142,10 @@ class RespClient:
             self._connecting = None
         return self._proto
 
+    async def connect(self) -> None:
+        """Make sure a connection is up (reconnects after a loss)."""
+        await self._conn()
+
     def send_packed(self, data: bytes) -> asyncio.Future:
         """Write an encoded command now on a live connection; the future resolves with its reply."""
         p = self._proto
