@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cborg.validation import format_validation, read_yaml_mapping
 
@@ -119,6 +119,15 @@ class LimitsConf(_Strict):
     # Per-user limits on groups of models, by name or `prefix/*` (e.g. "lbl/*": {parallel: 5}).
     models: dict[str, LimitSet] = {}
     lease_s: float = Field(30.0, gt=0, description="parallel-slot lease in Redis; renewed while in flight")
+
+    @field_validator("models")
+    @classmethod
+    def _no_group_budgets(cls, v: dict[str, LimitSet]) -> dict[str, LimitSet]:
+        for pattern, ls in v.items():
+            if ls.budget is not None or ls.budget_period is not None:
+                raise ValueError(f"{pattern}: budgets are per key and per user (limits.key, limits.user), "
+                                 "not per model group")
+        return v
 
 
 class CatalogConf(BaseModel):

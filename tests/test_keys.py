@@ -154,6 +154,7 @@ def test_revocation_reaches_other_replica(tmp_path, mock_openai):
     (lambda c: c["aliases"][1].__setitem__("system_prompt", "prompts/missing.md"), ["prompts/missing.md"]),
     (lambda c: c["models"][0].__setitem__("fallbacks", ["openai/gpt-4o"]),
      ["models[0] (lbl/llama)", "openai/gpt-4o", "commercial"]),
+    (lambda c: c["limits"]["models"].__setitem__("openai/*", {"budget": 5}), ["limits.models", "openai/*", "budgets"]),
 ])
 def test_config_errors_name_the_field(tmp_path, mutate, words):
     import yaml
