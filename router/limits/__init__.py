@@ -59,20 +59,24 @@ def _reset_str(seconds: float) -> bytes:
     return (b"%dm%ds" % (s // 60, s % 60)) if s >= 60 else b"%ds" % s
 
 
+_RESET_FULL = _reset_str(60)
+
+
 def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes, bytes]]:
     """x-ratelimit-* from the tightest (limit, remaining, reset_in) of requests and of tokens.
 
     reset is OpenAI's meaning: the time until the limit is back to its initial state (the window
-    has let go of everything counted so far, this request included)."""
+    has let go of everything counted so far, this request included): with one-second buckets,
+    nearly always the full minute, whose text is made once."""
     h: list[tuple[bytes, bytes]] = []
     if req is not None:
-        h += [(b"x-ratelimit-limit-requests", b"%d" % req[0]),
+        h += ((b"x-ratelimit-limit-requests", b"%d" % req[0]),
               (b"x-ratelimit-remaining-requests", b"%d" % max(0, req[1])),
-              (b"x-ratelimit-reset-requests", _reset_str(req[2]))]
+              (b"x-ratelimit-reset-requests", _RESET_FULL if req[2] > 59 else _reset_str(req[2])))
     if tok is not None:
-        h += [(b"x-ratelimit-limit-tokens", b"%d" % tok[0]),
+        h += ((b"x-ratelimit-limit-tokens", b"%d" % tok[0]),
               (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tok[1])),
-              (b"x-ratelimit-reset-tokens", _reset_str(tok[2]))]
+              (b"x-ratelimit-reset-tokens", _RESET_FULL if tok[2] > 59 else _reset_str(tok[2])))
     return h
 
 

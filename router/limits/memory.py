@@ -67,17 +67,41 @@ class Window:
         return 60.0
 
 
-class MemAdmission:
-    __slots__ = ("lim", "checks", "sec", "est", "headers", "scopes")
+class _Scope:
+    """One scope's counters: requests in flight, the request and token windows, and its spend
+    ([spend, reset_at, period_s]; None until loaded from the database)."""
 
-    def __init__(self, lim: "MemoryLimiter", checks: tuple[Check, ...], sec: int, est: int, headers: list,
-                 scopes: tuple[str, str]):
-        self.lim = lim
+    __slots__ = ("inflight", "req", "tok", "spend")
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.req = Window()
+        self.tok = Window()
+        self.spend: list | None = None
+
+
+class _Plan:
+    """What admitting one (key, route) touches, resolved once per checks tuple: each check with its
+    scope's counters, and the key's and user's scopes (spend is counted on both)."""
+
+    __slots__ = ("checks", "pairs", "key_scope", "user_scope")
+
+    def __init__(self, checks: tuple[Check, ...], pairs: tuple, key_scope: _Scope, user_scope: _Scope):
         self.checks = checks
+        self.pairs = pairs
+        self.key_scope = key_scope
+        self.user_scope = user_scope
+
+
+class MemAdmission:
+    __slots__ = ("lim", "plan", "sec", "est", "headers")
+
+    def __init__(self, lim: "MemoryLimiter", plan: _Plan, sec: int, est: int, headers: list):
+        self.lim = lim
+        self.plan = plan
         self.sec = sec
         self.est = est
         self.headers = headers
-        self.scopes = scopes
 
     def finish(self, call) -> None:
         self.lim._finish(self, call)
@@ -88,10 +112,8 @@ class MemoryLimiter:
         self.policy = policy
         self.store = store
         self.clock = clock
-        self.inflight: dict[str, int] = collections.defaultdict(int)
-        self.req: dict[str, Window] = collections.defaultdict(Window)
-        self.tok: dict[str, Window] = collections.defaultdict(Window)
-        self.spend: dict[str, list] = {}         # scope -> [spend, reset_at, period_s]
+        self.scopes: dict[str, _Scope] = {}
+        self._plans: dict[int, _Plan] = {}
 
     async def start(self) -> None:
         return None
@@ -99,40 +121,57 @@ class MemoryLimiter:
     async def stop(self) -> None:
         return None
 
-    async def _load(self, key) -> None:
+    def _scope(self, name: str) -> _Scope:
+        s = self.scopes.get(name)
+        if s is None:
+            s = self.scopes[name] = _Scope()
+        return s
+
+    def _plan(self, key, checks: tuple[Check, ...]) -> _Plan:
+        # By identity: Policy hands out the same tuple for a (key version, route), and hashing a
+        # tuple of dataclasses would cost more than the rest of an admission.
+        p = self._plans.get(id(checks))
+        if p is None or p.checks is not checks:
+            if len(self._plans) > 50_000:
+                self._plans.clear()
+            p = self._plans[id(checks)] = _Plan(checks, tuple((c, self._scope(c.scope)) for c in checks),
+                                                self._scope(f"k:{key.id}"), self._scope(f"u:{key.user_id}"))
+        return p
+
+    async def _load(self, key, plan: _Plan) -> None:
         """Spend of a key and its user as the database has it, the first time we meet them."""
-        ks, us = f"k:{key.id}", f"u:{key.user_id}"
         kb, ub = self.policy.budget_scopes(key)
         now = self.clock()
-        if ks not in self.spend:
-            self.spend[ks] = [*roll(key.spend, key.budget_reset_at, kb.period_s, now), kb.period_s]
-        if us not in self.spend:
+        if plan.key_scope.spend is None:
+            plan.key_scope.spend = [*roll(key.spend, key.budget_reset_at, kb.period_s, now), kb.period_s]
+        if plan.user_scope.spend is None:
             u = await self.store.get_user(key.user_id)
-            if us not in self.spend:
-                self.spend[us] = [*roll(u.spend if u else 0.0, u.budget_reset_at if u else None, ub.period_s, now),
-                                  ub.period_s]
+            if plan.user_scope.spend is None:
+                plan.user_scope.spend = [*roll(u.spend if u else 0.0, u.budget_reset_at if u else None,
+                                               ub.period_s, now), ub.period_s]
 
     def spend_of(self, scope: str) -> float | None:
-        s = self.spend.get(scope)
+        st = self.scopes.get(scope)
+        s = st.spend if st is not None else None
         if s is None:
             return None
         return roll(s[0], s[1], s[2], self.clock())[0]
 
     async def admit(self, call):
         key = call.key
-        ks = f"k:{key.id}"
-        if ks not in self.spend or f"u:{key.user_id}" not in self.spend:
-            await self._load(key)
         checks = self.policy.checks(key, call.route)
+        plan = self._plan(key, checks)
+        if plan.key_scope.spend is None or plan.user_scope.spend is None:
+            await self._load(key, plan)
         now = self.clock()
         sec = int(now)
         est = fit_estimate(call.prompt_estimate, checks)
         req_h = tok_h = None
-        for c in checks:
-            if c.parallel is not None and self.inflight[c.scope] >= c.parallel:
-                raise reject(c, "parallel", c.parallel, self.inflight[c.scope], None)
+        for c, st in plan.pairs:
+            if c.parallel is not None and st.inflight >= c.parallel:
+                raise reject(c, "parallel", c.parallel, st.inflight, None)
             if c.rpm is not None:
-                w = self.req[c.scope]
+                w = st.req
                 w.expire(sec)
                 if w.total + 1 > c.rpm:
                     raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
@@ -140,7 +179,7 @@ class MemoryLimiter:
                 if req_h is None or rem < req_h[1]:
                     req_h = (c.rpm, rem, sec + 60 - now)
             if c.tpm is not None:
-                w = self.tok[c.scope]
+                w = st.tok
                 w.expire(sec)
                 if w.total + est > c.tpm:
                     raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
@@ -148,33 +187,36 @@ class MemoryLimiter:
                 if tok_h is None or rem < tok_h[1]:
                     tok_h = (c.tpm, rem, sec + 60 - now)
             if c.budget is not None:
-                s = self.spend.get(c.scope)
+                s = st.spend
+                if s is not None and s[2] != c.period_s:
+                    s[2] = c.period_s            # the key's budget period was changed
                 spent, reset_at = roll(s[0], s[1], c.period_s, now) if s else (0.0, None)
                 if spent >= c.budget:
                     raise reject(c, "budget", c.budget, spent, (reset_at - now) if reset_at else None,
                                  reset_at=reset_at)
-        for c in checks:
+        for c, st in plan.pairs:
             if c.parallel is not None:
-                self.inflight[c.scope] += 1
+                st.inflight += 1
             if c.rpm is not None:
-                self.req[c.scope].add(sec, 1)
+                st.req.add(sec, 1)
             if c.tpm is not None:
-                self.tok[c.scope].add(sec, est)
+                st.tok.add(sec, est)
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
-        return MemAdmission(self, checks, sec, est, headers, (ks, f"u:{key.user_id}"))
+        return MemAdmission(self, plan, sec, est, headers)
 
     def _finish(self, adm: MemAdmission, call) -> None:
         used = tokens_used(call)
         now = self.clock()
-        for c in adm.checks:
+        plan = adm.plan
+        for c, st in plan.pairs:
             if c.parallel is not None:
-                self.inflight[c.scope] -= 1
+                st.inflight -= 1
             if c.tpm is not None and used != adm.est:
-                self.tok[c.scope].settle(adm.sec, adm.est, int(now), used)
+                st.tok.settle(adm.sec, adm.est, int(now), used)
         cost = call.cost
         if cost:
-            for scope in adm.scopes:
-                s = self.spend.get(scope)
+            for st in (plan.key_scope, plan.user_scope):
+                s = st.spend
                 if s is not None:
                     s[0], s[1] = roll(s[0], s[1], s[2], now)
                     s[0] += cost
