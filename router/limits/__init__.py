@@ -67,16 +67,17 @@ def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes,
 
     reset is OpenAI's meaning: the time until the limit is back to its initial state (the window
     has let go of everything counted so far, this request included): with one-second buckets,
-    nearly always the full minute, whose text is made once."""
-    h: list[tuple[bytes, bytes]] = []
+    nearly always the full minute, whose text is made once. Remaining is never negative here
+    (an admission that would make it so is refused)."""
     if req is not None:
-        h += ((b"x-ratelimit-limit-requests", b"%d" % req[0]),
-              (b"x-ratelimit-remaining-requests", b"%d" % max(0, req[1])),
-              (b"x-ratelimit-reset-requests", _RESET_FULL if req[2] > 59 else _reset_str(req[2])))
-    if tok is not None:
-        h += ((b"x-ratelimit-limit-tokens", b"%d" % tok[0]),
-              (b"x-ratelimit-remaining-tokens", b"%d" % max(0, tok[1])),
-              (b"x-ratelimit-reset-tokens", _RESET_FULL if tok[2] > 59 else _reset_str(tok[2])))
+        h = [(b"x-ratelimit-limit-requests", b"%d" % req[0]), (b"x-ratelimit-remaining-requests", b"%d" % req[1]),
+             (b"x-ratelimit-reset-requests", _RESET_FULL if req[2] > 59 else _reset_str(req[2]))]
+        if tok is None:
+            return h
+    else:
+        h = []
+    h += ((b"x-ratelimit-limit-tokens", b"%d" % tok[0]), (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]),
+          (b"x-ratelimit-reset-tokens", _RESET_FULL if tok[2] > 59 else _reset_str(tok[2])))
     return h
 
 

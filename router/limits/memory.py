@@ -10,7 +10,7 @@ import collections
 import time
 from typing import Callable
 
-from . import fit_estimate, ratelimit_headers, reject, tokens_used
+from . import fit_estimate, ratelimit_headers, reject
 from .budget import roll
 from .policy import Check, Policy
 
@@ -50,6 +50,11 @@ class Window:
     def settle(self, sec: int, est: int, now: int, used: int) -> None:
         """A request's estimate (counted at admission, second `sec`) replaced by the tokens it used,
         counted at the second it ended: a request longer than the window still counts in full."""
+        b = self.buckets
+        if now == sec and b and b[-1][0] == sec:   # ended in the second it was admitted: the usual case
+            b[-1][1] += used - est
+            self.total += used - est
+            return
         if est:
             self.adjust(sec, -est)
         if used:
@@ -81,14 +86,20 @@ class _Scope:
 
 
 class _Plan:
-    """What admitting one (key, route) touches, resolved once per checks tuple: each check with its
-    scope's counters, and the key's and user's scopes (spend is counted on both)."""
+    """What admitting one (key, route) touches, resolved once per checks tuple: for each kind of
+    limit, the checks that set one with their scope's counters; and the key's and user's scopes
+    (spend is counted on both, budget or not)."""
 
-    __slots__ = ("checks", "pairs", "key_scope", "user_scope")
+    __slots__ = ("checks", "parallel", "rpm", "tpm", "budget", "tpm_cap", "key_scope", "user_scope")
 
-    def __init__(self, checks: tuple[Check, ...], pairs: tuple, key_scope: _Scope, user_scope: _Scope):
+    def __init__(self, checks: tuple[Check, ...], scope: Callable[[str], _Scope], key_scope: _Scope,
+                 user_scope: _Scope):
         self.checks = checks
-        self.pairs = pairs
+        self.parallel = tuple((c, scope(c.scope)) for c in checks if c.parallel is not None)
+        self.rpm = tuple((c, scope(c.scope).req) for c in checks if c.rpm is not None)
+        self.tpm = tuple((c, scope(c.scope).tok) for c in checks if c.tpm is not None)
+        self.budget = tuple((c, scope(c.scope)) for c in checks if c.budget is not None)
+        self.tpm_cap = fit_estimate(None, checks)
         self.key_scope = key_scope
         self.user_scope = user_scope
 
@@ -134,8 +145,8 @@ class MemoryLimiter:
         if p is None or p.checks is not checks:
             if len(self._plans) > 50_000:
                 self._plans.clear()
-            p = self._plans[id(checks)] = _Plan(checks, tuple((c, self._scope(c.scope)) for c in checks),
-                                                self._scope(f"k:{key.id}"), self._scope(f"u:{key.user_id}"))
+            p = self._plans[id(checks)] = _Plan(checks, self._scope, self._scope(f"k:{key.id}"),
+                                                self._scope(f"u:{key.user_id}"))
         return p
 
     async def _load(self, key, plan: _Plan) -> None:
@@ -165,58 +176,64 @@ class MemoryLimiter:
             await self._load(key, plan)
         now = self.clock()
         sec = int(now)
-        est = fit_estimate(call.prompt_estimate, checks)
-        req_h = tok_h = None
-        for c, st in plan.pairs:
-            if c.parallel is not None and st.inflight >= c.parallel:
+        est = call.prompt_estimate
+        if plan.tpm_cap is not None and est > plan.tpm_cap:
+            est = plan.tpm_cap
+        for c, st in plan.parallel:
+            if st.inflight >= c.parallel:
                 raise reject(c, "parallel", c.parallel, st.inflight, None)
-            if c.rpm is not None:
-                w = st.req
-                w.expire(sec)
-                if w.total + 1 > c.rpm:
-                    raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
-                rem = c.rpm - w.total - 1
-                if req_h is None or rem < req_h[1]:
-                    req_h = (c.rpm, rem, sec + 60 - now)
-            if c.tpm is not None:
-                w = st.tok
-                w.expire(sec)
-                if w.total + est > c.tpm:
-                    raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
-                rem = c.tpm - w.total - est
-                if tok_h is None or rem < tok_h[1]:
-                    tok_h = (c.tpm, rem, sec + 60 - now)
-            if c.budget is not None:
-                s = st.spend
-                if s is not None and s[2] != c.period_s:
-                    s[2] = c.period_s            # the key's budget period was changed
-                spent, reset_at = roll(s[0], s[1], c.period_s, now) if s else (0.0, None)
-                if spent >= c.budget:
-                    raise reject(c, "budget", c.budget, spent, (reset_at - now) if reset_at else None,
-                                 reset_at=reset_at)
-        for c, st in plan.pairs:
-            if c.parallel is not None:
-                st.inflight += 1
-            if c.rpm is not None:
-                st.req.add(sec, 1)
-            if c.tpm is not None:
-                st.tok.add(sec, est)
+        req_h = tok_h = None
+        for c, w in plan.rpm:
+            w.expire(sec)
+            rem = c.rpm - w.total - 1
+            if rem < 0:
+                raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
+            if req_h is None or rem < req_h[1]:
+                req_h = (c.rpm, rem, sec + 60 - now)
+        for c, w in plan.tpm:
+            w.expire(sec)
+            rem = c.tpm - w.total - est
+            if rem < 0:
+                raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
+            if tok_h is None or rem < tok_h[1]:
+                tok_h = (c.tpm, rem, sec + 60 - now)
+        for c, st in plan.budget:
+            s = st.spend
+            if s is None:
+                spent, reset_at = 0.0, None
+            else:
+                if s[2] != c.period_s:
+                    s[2] = c.period_s        # the key's budget period was changed
+                spent, reset_at = (s[0], s[1]) if s[1] is not None and now < s[1] else roll(s[0], s[1], s[2], now)
+            if spent >= c.budget:
+                raise reject(c, "budget", c.budget, spent, (reset_at - now) if reset_at else None,
+                             reset_at=reset_at)
+        for _, st in plan.parallel:
+            st.inflight += 1
+        for _, w in plan.rpm:
+            w.add(sec, 1)
+        for _, w in plan.tpm:
+            w.add(sec, est)
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
         return MemAdmission(self, plan, sec, est, headers)
 
     def _finish(self, adm: MemAdmission, call) -> None:
-        used = tokens_used(call)
-        now = self.clock()
         plan = adm.plan
-        for c, st in plan.pairs:
-            if c.parallel is not None:
-                st.inflight -= 1
-            if c.tpm is not None and used != adm.est:
-                st.tok.settle(adm.sec, adm.est, int(now), used)
+        for _, st in plan.parallel:
+            st.inflight -= 1
         cost = call.cost
-        if cost:
-            for st in (plan.key_scope, plan.user_scope):
-                s = st.spend
-                if s is not None:
-                    s[0], s[1] = roll(s[0], s[1], s[2], now)
-                    s[0] += cost
+        if plan.tpm or cost:
+            now = self.clock()
+            if plan.tpm:
+                u = call.usage
+                used = (u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0) if u else 0
+                if used != adm.est:
+                    for _, w in plan.tpm:
+                        w.settle(adm.sec, adm.est, int(now), used)
+            if cost:
+                for st in (plan.key_scope, plan.user_scope):
+                    s = st.spend
+                    if s is not None:
+                        if s[1] is None or now >= s[1]:    # no period started, or it ended
+                            s[0], s[1] = roll(s[0], s[1], s[2], now)
+                        s[0] += cost
