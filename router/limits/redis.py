@@ -2,7 +2,7 @@
 
 Each admission is one Lua script (atomic: check every scope, then count in every scope); each end of
 request is one more, sent without waiting for its reply. Parallel slots are leases in a sorted set
-(score = expiry): this replica renews the leases of its in-flight requests every lease/3 seconds,
+(score = expiry, in ms): this replica renews the leases of its in-flight requests every lease/3 seconds,
 so a replica that dies stops renewing and its slots free themselves within `lease_s`.
 Budgets: spend per scope lives in a Redis hash, seeded from the database the first time a scope is
 seen (and again if Redis loses it); the ledger keeps the database's copy.
@@ -25,10 +25,15 @@ from .resp import RedisError, RespClient, pack_args, sha1
 log = logging.getLogger("cborg.limits")
 
 # KEYS: 4 per check (parallel zset, request window, token window, budget hash)
-# ARGV: now, sec, request id, lease expiry, token estimate, number of checks, then 5 per check:
-#       parallel, rpm, tpm, budget, period (-1 = none)
+# ARGV: now (ms), sec, request id, lease expiry (ms), token estimate, number of checks, then 5 per
+#       check: parallel, rpm, tpm, budget, period (-1 = none)
+# Times go in as whole milliseconds and counts come back as whole numbers: a float's shortest
+# decimal text (both ways) was a fifth of the gateway's instructions per admission.
+# Reply: {0, then per rpm/tpm check {'r' or 't', check index, remaining}} | {1, index, limit, value,
+#        used, reset} | {2, index} (a budget scope to seed)
 ADMIT = """
-local now, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nowms, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = nowms / 1000
 -- A window is a hash: one field per second (its count), 't' = the total of the fields in the
 -- window, 'o' = the oldest second not yet expired. Each call expires only the seconds that left
 -- the window since the last call, so the work is constant per request.
@@ -65,26 +70,25 @@ local function add(key, n_)
   redis.call('HINCRBY', key, 't', n_)
   redis.call('EXPIRE', key, 120)
 end
-local full = tostring(sec + 60 - now)   -- until the window is back to its initial state
 local out = {0}
 for i = 0, n - 1 do
   local a = 7 + i * 5
   local par, rpm, tpm, budget, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local kp, kr, kt, kb = KEYS[i * 4 + 1], KEYS[i * 4 + 2], KEYS[i * 4 + 3], KEYS[i * 4 + 4]
   if par >= 0 then
-    redis.call('ZREMRANGEBYSCORE', kp, '-inf', now)
+    redis.call('ZREMRANGEBYSCORE', kp, '-inf', nowms)
     local c = redis.call('ZCARD', kp)
     if c >= par then return {1, i, 'parallel', tostring(par), tostring(c), '1'} end
   end
   if rpm >= 0 then
     local used = window(kr)
     if used + 1 > rpm then return {1, i, 'rpm', tostring(rpm), tostring(used), reset_in(kr, used, 1, rpm)} end
-    out[#out + 1] = {'r', tostring(rpm), tostring(rpm - used - 1), full}
+    out[#out + 1] = {'r', i, rpm - used - 1}
   end
   if tpm >= 0 then
     local used = window(kt)
     if used + est > tpm then return {1, i, 'tpm', tostring(tpm), tostring(used), reset_in(kt, used, est, tpm)} end
-    out[#out + 1] = {'t', tostring(tpm), tostring(tpm - used - est), full}
+    out[#out + 1] = {'t', i, tpm - used - est}
   end
   if budget >= 0 then
     local b = redis.call('HMGET', kb, 'spend', 'reset_at')
@@ -113,12 +117,12 @@ return out
 """
 
 # KEYS: 3 per check (parallel zset, token window, budget hash)
-# ARGV: request id, admission second, token estimate, tokens used, cost, now, number of checks, then 3
-#       per check: has parallel, has tpm, period (-1 none; -2 no budget)
+# ARGV: request id, admission second, token estimate, tokens used, cost (pico-dollars), now (ms),
+#       number of checks, then 3 per check: has parallel, has tpm, period (-1 none; -2 no budget)
 # The estimate leaves its admission second (if still in the window) and the tokens used are counted
 # in the second the request ends: a request longer than the window still counts in full.
 FINISH = """
-local rid, sec, est, used, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local rid, sec, est, used, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) / 1e12, tonumber(ARGV[6]) / 1000, tonumber(ARGV[7])
 local fsec = math.floor(now)
 for i = 0, n - 1 do
   local a = 8 + i * 3
@@ -217,6 +221,7 @@ class RedisLimiter:
         self.policy = policy
         self.store = store
         self.lease_s = lease_s
+        self.lease_ms = int(lease_s * 1000)
         self.prefix = prefix
         self.clock = clock
         self.on_error = on_error
@@ -280,7 +285,8 @@ class RedisLimiter:
         now = self.clock()
         sec = int(now)
         est = call.prompt_estimate if cmds.tpm_cap is None else min(call.prompt_estimate, cmds.tpm_cap)
-        packed = cmds.admit(now, sec, call.id, now + self.lease_s, est, len(checks))
+        nowms = int(now * 1000)
+        packed = cmds.admit(nowms, sec, call.id, nowms + self.lease_ms, est, len(checks))
         try:
             for _ in range(len(checks) + 1):
                 res = await self._run(packed)
@@ -300,13 +306,13 @@ class RedisLimiter:
                 raise reject(c, "budget", value, used, (ra - now) if ra > 0 else None, reset_at=ra if ra > 0 else None)
             raise reject(c, limit, value, used, float(res[5]), need=est)
         req_h = tok_h = None
-        for item in res[1:]:
-            t = (int(item[1]), int(float(item[2])), float(item[3]))
-            if item[0] == b"r":
-                if req_h is None or t[1] < req_h[1]:
-                    req_h = t
-            elif tok_h is None or t[1] < tok_h[1]:
-                tok_h = t
+        full = sec + 60 - now          # until the window is back to its initial state
+        for kind, i, rem in res[1:]:
+            if kind == b"r":
+                if req_h is None or rem < req_h[1]:
+                    req_h = (checks[i].rpm, rem, full)
+            elif tok_h is None or rem < tok_h[1]:
+                tok_h = (checks[i].tpm, rem, full)
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
         adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds)
         if cmds.par_keys:
@@ -333,7 +339,8 @@ class RedisLimiter:
         one is NOSCRIPT after a Redis restart; the next admission then reloads the scripts, and a
         slot lost that way frees itself when its lease ends."""
         self.held.pop(adm.rid, None)
-        packed = adm.cmds.finish(adm.rid, adm.sec, adm.est, tokens_used(call), call.cost, self.clock(),
+        packed = adm.cmds.finish(adm.rid, adm.sec, adm.est, tokens_used(call), round(call.cost * 1e12),
+                                 int(self.clock() * 1000),
                                  len(adm.checks))
         try:
             self.redis.send_noreply(packed)
@@ -356,7 +363,7 @@ class RedisLimiter:
         """Extend the leases of this replica's in-flight requests, reconnecting if the connection was
         lost (long streams may be all that is in flight: no admission would reconnect for them), and
         never waiting on Redis for longer than a third of a lease."""
-        expiry = self.clock() + self.lease_s
+        expiry = int((self.clock() + self.lease_s) * 1000)
         try:
             await self.redis.connect()
             futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
