@@ -58,7 +58,6 @@ async def drive(mode: str, n: int, upstream: str, conc: int = 32) -> None:
     bad = 0
 
     async def one() -> None:
-        nonlocal bad
         sent = False
 
         async def receive():
