@@ -136,7 +136,8 @@ class Gateway:
         served = call.served
         row = (call.id, time.time(), key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
                prompt, cached, completion, call.cost, call.status, latency * 1000,
-               ttft * 1000 if ttft is not None else None, call.stream, bool(u.get("estimated")))
+               ttft * 1000 if ttft is not None else None, 1 if call.stream else 0, 1 if u.get("estimated") else 0)
+        # (flags as ints: sqlite3 looks a bool up in its adapter registry, a tenth of a row's cost)
         kp, up = self.policy.periods(key)
         line = {"ts": round(row[1], 3), "level": "info", "logger": "cborg.request", "msg": "request",
                 "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,
