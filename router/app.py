@@ -134,10 +134,14 @@ class Gateway:
         completion = u.get("completion_tokens") or 0
         key = call.key
         served = call.served
+        # ttft_ms of a whole (non-streamed) response is its latency, as LiteLLM's completionStartTime;
+        # NULL where no token came. Flags as ints. (A bool or a None goes through sqlite3's adapter
+        # lookup, which fails through a formatted exception: under callgrind, one None was a fifth
+        # of a row's cost in the writer thread, two bools more.)
         row = (call.id, time.time(), key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
                prompt, cached, completion, call.cost, call.status, latency * 1000,
-               ttft * 1000 if ttft is not None else None, 1 if call.stream else 0, 1 if u.get("estimated") else 0)
-        # (flags as ints: sqlite3 looks a bool up in its adapter registry, a tenth of a row's cost)
+               ttft * 1000 if ttft is not None else (latency * 1000 if not call.stream and call.usage else None),
+               1 if call.stream else 0, 1 if u.get("estimated") else 0)
         kp, up = self.policy.periods(key)
         line = {"ts": round(row[1], 3), "level": "info", "logger": "cborg.request", "msg": "request",
                 "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,

@@ -301,6 +301,9 @@ def main() -> None:
                   f"{per_round(s, 'accounting-off', 'rps'):.2f}, CPU per request (off/on) "
                   f"{per_round(s, 'accounting-off', 'cpu_us', inverse=True):.2f}, added p50 "
                   f"{added_diff(s, 'accounting-off'):+.3f} ms")
+            each = [x["rps"] / b["rps"] for x, b in zip(results[s]["rounds"]["gw_c32"],
+                                                          results["accounting-off"]["rounds"]["gw_c32"])]
+            print(f"  per round: {', '.join(f'{v:.2f}' for v in each)}")
         if s == "anthropic" and "passthrough" in results:
             print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
                   f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")

@@ -51,33 +51,34 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
     return err
 
 
-def _reset_str(seconds: float) -> bytes:
-    """OpenAI's x-ratelimit-reset-* format: 1s, 6m0s, 20ms."""
-    if seconds < 1:
-        return b"%dms" % max(0, int(seconds * 1000))
-    s = math.ceil(seconds)
-    return (b"%dm%ds" % (s // 60, s % 60)) if s >= 60 else b"%ds" % s
+_RESET_REQ = (b"x-ratelimit-reset-requests", b"1m0s")
+_RESET_TOK = (b"x-ratelimit-reset-tokens", b"1m0s")
+_LIMIT_REQ: dict[int, tuple[bytes, bytes]] = {}
+_LIMIT_TOK: dict[int, tuple[bytes, bytes]] = {}
 
 
-_RESET_FULL = _reset_str(60)
+def _limit_header(cache: dict, name: bytes, value: int) -> tuple[bytes, bytes]:
+    if len(cache) > 10_000:
+        cache.clear()
+    h = cache[value] = (name, b"%d" % value)
+    return h
 
 
-def ratelimit_headers(req: tuple | None, tok: tuple | None) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-* from the tightest (limit, remaining, reset_in) of requests and of tokens.
+def ratelimit_headers(req: tuple[int, int] | None, tok: tuple[int, int] | None) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest (limit, remaining) of requests and of tokens.
 
-    reset is OpenAI's meaning: the time until the limit is back to its initial state (the window
-    has let go of everything counted so far, this request included): with one-second buckets,
-    nearly always the full minute, whose text is made once. Remaining is never negative here
-    (an admission that would make it so is refused)."""
+    reset is OpenAI's meaning: the time until the limit is back to its initial state. A request
+    just admitted is counted in the current one-second bucket, which leaves the window a minute
+    later: on a success it is always the full minute (OpenAI's text: 1m0s). The limit headers are
+    made once per value. Remaining is never negative here (an admission that would make it so is
+    refused)."""
+    h = []
     if req is not None:
-        h = [(b"x-ratelimit-limit-requests", b"%d" % req[0]), (b"x-ratelimit-remaining-requests", b"%d" % req[1]),
-             (b"x-ratelimit-reset-requests", _RESET_FULL if req[2] > 59 else _reset_str(req[2]))]
-        if tok is None:
-            return h
-    else:
-        h = []
-    h += ((b"x-ratelimit-limit-tokens", b"%d" % tok[0]), (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]),
-          (b"x-ratelimit-reset-tokens", _RESET_FULL if tok[2] > 59 else _reset_str(tok[2])))
+        h += (_LIMIT_REQ.get(req[0]) or _limit_header(_LIMIT_REQ, b"x-ratelimit-limit-requests", req[0]),
+              (b"x-ratelimit-remaining-requests", b"%d" % req[1]), _RESET_REQ)
+    if tok is not None:
+        h += (_LIMIT_TOK.get(tok[0]) or _limit_header(_LIMIT_TOK, b"x-ratelimit-limit-tokens", tok[0]),
+              (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]), _RESET_TOK)
     return h
 
 
@@ -117,6 +118,9 @@ class NullLimiter:
     """Limits and budgets off (CBORG_LIMITS=off)."""
 
     async def admit(self, call) -> _Open:
+        return OPEN
+
+    def admit_now(self, call) -> _Open:
         return OPEN
 
     async def start(self) -> None:

@@ -115,7 +115,26 @@ class MemAdmission:
         self.headers = headers
 
     def finish(self, call) -> None:
-        self.lim._finish(self, call)
+        """Slots released, the token estimate replaced by the usage, the cost added to the spend."""
+        plan = self.plan
+        for _, st in plan.parallel:
+            st.inflight -= 1
+        cost = call.cost
+        if plan.tpm or cost:
+            now = self.lim.clock()
+            if plan.tpm:
+                u = call.usage
+                used = (u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0) if u else 0
+                if used != self.est:
+                    for _, w in plan.tpm:
+                        w.settle(self.sec, self.est, int(now), used)
+            if cost:
+                for st in (plan.key_scope, plan.user_scope):
+                    s = st.spend
+                    if s is not None:
+                        if s[1] is None or now >= s[1]:    # no period started, or it ended
+                            s[0], s[1] = roll(s[0], s[1], s[2], now)
+                        s[0] += cost
 
 
 class MemoryLimiter:
@@ -169,11 +188,21 @@ class MemoryLimiter:
         return roll(s[0], s[1], s[2], self.clock())[0]
 
     async def admit(self, call):
+        adm = self.admit_now(call)
+        if adm is None:
+            key = call.key
+            await self._load(key, self._plan(key, self.policy.checks(key, call.route)))
+            adm = self.admit_now(call)
+        return adm
+
+    def admit_now(self, call):
+        """admit() without an await, for the scopes whose spend is loaded (every request but a
+        scope's first): None where it is not. Raises the 429 as admit() does."""
         key = call.key
         checks = self.policy.checks(key, call.route)
         plan = self._plan(key, checks)
         if plan.key_scope.spend is None or plan.user_scope.spend is None:
-            await self._load(key, plan)
+            return None
         now = self.clock()
         sec = int(now)
         est = call.prompt_estimate
@@ -183,20 +212,23 @@ class MemoryLimiter:
             if st.inflight >= c.parallel:
                 raise reject(c, "parallel", c.parallel, st.inflight, None)
         req_h = tok_h = None
+        old = sec - 60
         for c, w in plan.rpm:
-            w.expire(sec)
+            if w.buckets and w.buckets[0][0] <= old:   # (the call only when a second has gone out)
+                w.expire(sec)
             rem = c.rpm - w.total - 1
             if rem < 0:
                 raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
             if req_h is None or rem < req_h[1]:
-                req_h = (c.rpm, rem, sec + 60 - now)
+                req_h = (c.rpm, rem)
         for c, w in plan.tpm:
-            w.expire(sec)
+            if w.buckets and w.buckets[0][0] <= old:
+                w.expire(sec)
             rem = c.tpm - w.total - est
             if rem < 0:
                 raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
             if tok_h is None or rem < tok_h[1]:
-                tok_h = (c.tpm, rem, sec + 60 - now)
+                tok_h = (c.tpm, rem)
         for c, st in plan.budget:
             s = st.spend
             if s is None:
@@ -210,30 +242,21 @@ class MemoryLimiter:
                              reset_at=reset_at)
         for _, st in plan.parallel:
             st.inflight += 1
+        # Window.add inlined for the usual case (this second's bucket exists): a call per window
+        # was a tenth of an admission.
         for _, w in plan.rpm:
-            w.add(sec, 1)
+            b = w.buckets
+            if b and b[-1][0] == sec:
+                b[-1][1] += 1
+                w.total += 1
+            else:
+                w.add(sec, 1)
         for _, w in plan.tpm:
-            w.add(sec, est)
+            b = w.buckets
+            if b and b[-1][0] == sec:
+                b[-1][1] += est
+                w.total += est
+            else:
+                w.add(sec, est)
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
         return MemAdmission(self, plan, sec, est, headers)
-
-    def _finish(self, adm: MemAdmission, call) -> None:
-        plan = adm.plan
-        for _, st in plan.parallel:
-            st.inflight -= 1
-        cost = call.cost
-        if plan.tpm or cost:
-            now = self.clock()
-            if plan.tpm:
-                u = call.usage
-                used = (u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0) if u else 0
-                if used != adm.est:
-                    for _, w in plan.tpm:
-                        w.settle(adm.sec, adm.est, int(now), used)
-            if cost:
-                for st in (plan.key_scope, plan.user_scope):
-                    s = st.spend
-                    if s is not None:
-                        if s[1] is None or now >= s[1]:    # no period started, or it ended
-                            s[0], s[1] = roll(s[0], s[1], s[2], now)
-                        s[0] += cost

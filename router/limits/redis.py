@@ -228,7 +228,7 @@ class RedisLimiter:
         self.held: dict[str, RedisAdmission] = {}    # this replica's in-flight leases
         self._renewer: asyncio.Task | None = None
         self._keys_cache: dict[str, tuple] = {}
-        self._cmds: dict[tuple, Commands] = {}
+        self._cmds: dict[int, tuple[tuple, Commands]] = {}
         self._last_err = 0.0
 
     async def _load_scripts(self) -> None:
@@ -273,15 +273,21 @@ class RedisLimiter:
             self._last_err = now
             log.error("Redis limiter error, admitting without limits: %s", e)
 
+    def admit_now(self, call) -> None:
+        return None          # every admission is a round trip to Redis
+
     async def admit(self, call):
         checks = self.policy.checks(call.key, call.route)
         if not checks:
             return OPEN
-        cmds = self._cmds.get(checks)
-        if cmds is None:
+        # By identity, as memory.py's plans: Policy hands out one tuple per (key version, route),
+        # and hashing a tuple of dataclasses field by field costs more than this lookup's purpose.
+        got = self._cmds.get(id(checks))
+        if got is None or got[0] is not checks:
             if len(self._cmds) > 50_000:
                 self._cmds.clear()
-            cmds = self._cmds[checks] = Commands(self, checks)
+            got = self._cmds[id(checks)] = (checks, Commands(self, checks))
+        cmds = got[1]
         now = self.clock()
         sec = int(now)
         est = call.prompt_estimate if cmds.tpm_cap is None else min(call.prompt_estimate, cmds.tpm_cap)
@@ -306,13 +312,12 @@ class RedisLimiter:
                 raise reject(c, "budget", value, used, (ra - now) if ra > 0 else None, reset_at=ra if ra > 0 else None)
             raise reject(c, limit, value, used, float(res[5]), need=est)
         req_h = tok_h = None
-        full = sec + 60 - now          # until the window is back to its initial state
         for kind, i, rem in res[1:]:
             if kind == b"r":
                 if req_h is None or rem < req_h[1]:
-                    req_h = (checks[i].rpm, rem, full)
+                    req_h = (checks[i].rpm, rem)
             elif tok_h is None or rem < tok_h[1]:
-                tok_h = (checks[i].tpm, rem, full)
+                tok_h = (checks[i].tpm, rem)
         headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
         adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds)
         if cmds.par_keys:
