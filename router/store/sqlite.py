@@ -103,9 +103,7 @@ def insert_rows(db: sqlite3.Connection, rows: list[tuple]) -> None:
     for size, sql in _INSERT.items():
         while n - i >= size:
             db.execute(sql, list(chain.from_iterable(rows[i:i + size])))
-            i += size
-            if size < 64:
-                break
+            i += size          # (below 64, each size fits at most once: the rest is under twice it)
 
 
 class SQLiteStore:
