@@ -190,7 +190,9 @@ def test_engine_gone_since_the_last_poll_is_skipped_not_a_502(tmp_path, mock_nod
         assert [chat(g, key).status_code for _ in range(6)] == [200] * 6
         assert len(mock_openai.requests) == 6
         mock_node.deployments = [deployment("gone", "lbl/llama", url=dead, api_key="k")]
-        wait_until(lambda: len(g.gw.nodes.models["lbl/llama"].replicas) == 1)   # the node still says ready
+        # the node still says "gone" is ready; wait for a poll that dropped "alive" (a chat that hit
+        # "gone" also leaves one replica, "alive", until the poll it asks for puts "gone" back)
+        wait_until(lambda: [r.deployment for r in g.gw.nodes.models["lbl/llama"].replicas] == ["gone"])
         for _ in range(3):
             r = chat(g, key)
             assert r.status_code == 503 and r.headers["retry-after"], r.text
