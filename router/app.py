@@ -122,36 +122,42 @@ class Gateway:
 
         Nothing here waits: the limiter's release is sent without awaiting its reply and the ledger
         only appends; the ledger's background flush writes rows and log lines in batches."""
-        if call.admission is not None:
-            call.admission.finish(call)
+        adm = call.admission
+        if adm is not None:
+            adm.finish(call)
             self.metrics.in_flight -= 1
         latency = time.perf_counter() - call.t0
         ttft = (call.ttft - call.t0) if call.ttft is not None else None
         self.metrics.observe(call.route.name, call.status, latency, ttft, call.usage, call.cost)
+        led = self.ledger
+        if led.store is None and not led.log_requests:
+            return
         u = call.usage or {}
         prompt = u.get("prompt_tokens") or 0
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         completion = u.get("completion_tokens") or 0
         key = call.key
         served = call.served
-        # ttft_ms of a whole (non-streamed) response is its latency, as LiteLLM's completionStartTime;
-        # NULL where no token came. Flags as ints. (A bool or a None goes through sqlite3's adapter
-        # lookup, which fails through a formatted exception: under callgrind, one None was a fifth
-        # of a row's cost in the writer thread, two bools more.)
-        row = (call.id, time.time(), key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
-               prompt, cached, completion, call.cost, call.status, latency * 1000,
-               ttft * 1000 if ttft is not None else (latency * 1000 if not call.stream and call.usage else None),
-               1 if call.stream else 0, 1 if u.get("estimated") else 0)
-        kp, up = self.policy.periods(key)
-        line = {"ts": round(row[1], 3), "level": "info", "logger": "cborg.request", "msg": "request",
-                "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,
-                "served_by": served.name, "status": call.status, "latency_ms": round(latency * 1000, 2),
-                "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None, "stream": call.stream,
-                "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
-                "cost": call.cost}
-        if call.error:
-            line["error"] = call.error[:300]
-        self.ledger.add(row, kp, up, line)
+        ts = time.time()
+        if led.store is not None:
+            # ttft_ms of a whole (non-streamed) response is its latency, as LiteLLM's completionStartTime;
+            # NULL where no token came. Flags as ints. (A bool or a None goes through sqlite3's adapter
+            # lookup, which fails through a formatted exception: under callgrind, one None was a fifth
+            # of a row's cost in the writer thread, two bools more.)
+            led.add((call.id, ts, key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
+                     prompt, cached, completion, call.cost, call.status, latency * 1000,
+                     ttft * 1000 if ttft is not None else (latency * 1000 if not call.stream and call.usage else None),
+                     1 if call.stream else 0, 1 if u.get("estimated") else 0), self.policy.periods(key))
+        if led.log_requests:
+            line = {"ts": round(ts, 3), "level": "info", "logger": "cborg.request", "msg": "request",
+                    "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,
+                    "served_by": served.name, "status": call.status, "latency_ms": round(latency * 1000, 2),
+                    "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None, "stream": call.stream,
+                    "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
+                    "cost": call.cost}
+            if call.error:
+                line["error"] = call.error[:300]
+            led.log(line)
 
     def refused(self, call, err: HTTPError) -> None:
         """A request a limit refused: counted and logged; no ledger row (nothing was served)."""

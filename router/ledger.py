@@ -29,7 +29,23 @@ LEDGER_COLUMNS = ("request_id", "ts", "key_id", "user_id", "model", "served_mode
 class SpendDelta:
     delta: float = 0.0
     period_s: float | None = None
-    tokens: int = 0
+
+
+def spend_deltas(rows: list[tuple], periods: dict[str, tuple]) -> tuple[dict[str, SpendDelta], dict[str, SpendDelta]]:
+    """Spend per key and per user in a batch of rows (every key and user in it, cost or not: a
+    user's first row creates its record), with the budget periods their spend rolls over by."""
+    keys: dict[str, SpendDelta] = {}
+    users: dict[str, SpendDelta] = {}
+    for r in rows:
+        kd = keys.get(r[2])
+        if kd is None:
+            kp, up = periods.get(r[2], (None, None))
+            kd = keys[r[2]] = SpendDelta(period_s=kp)
+            if r[3] not in users:
+                users[r[3]] = SpendDelta(period_s=up)
+        kd.delta += r[10]
+        users[r[3]].delta += r[10]
+    return keys, users
 
 
 class Ledger:
@@ -42,8 +58,7 @@ class Ledger:
         self._log_stream = log_stream
         self.max_queue = max_queue
         self._rows: list[tuple] = []
-        self._keys: dict[str, SpendDelta] = {}
-        self._users: dict[str, SpendDelta] = {}
+        self._periods: dict[str, tuple] = {}
         self._logs: list[bytes] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -52,22 +67,11 @@ class Ledger:
         self.dropped = 0
 
     # -- hot path: append only ----------------------------------------------------------------
-    def add(self, row: tuple, key_period: float | None, user_period: float | None, log_line: dict | None) -> None:
+    def add(self, row: tuple, periods: tuple[float | None, float | None]) -> None:
+        """One request's row; `periods`: the budget periods of its key and its user. The spend
+        deltas are summed per batch at the flush, not per request here."""
         self._rows.append(row)
-        cost = row[10]
-        tokens = (row[7] or 0) + (row[9] or 0)
-        kd = self._keys.get(row[2])
-        if kd is None:
-            kd = self._keys[row[2]] = SpendDelta(period_s=key_period)
-        kd.delta += cost
-        kd.tokens += tokens
-        ud = self._users.get(row[3])
-        if ud is None:
-            ud = self._users[row[3]] = SpendDelta(period_s=user_period)
-        ud.delta += cost
-        ud.tokens += tokens
-        if log_line is not None and self.log_requests:
-            self._logs.append(orjson.dumps(log_line, default=str))
+        self._periods[row[2]] = periods
         if len(self._rows) >= self.max_batch:
             self._wake.set()
 
@@ -106,29 +110,22 @@ class Ledger:
     async def flush(self) -> None:
         async with self._lock:
             self._write_logs()
-            if not self._rows:
+            if not self._rows or self.store is None:
                 return
-            rows, keys, users = self._rows, self._keys, self._users
-            self._rows, self._keys, self._users = [], {}, {}
-            if self.store is None:   # accounting off: request logs only
-                return
+            rows, periods = self._rows, self._periods
+            self._rows, self._periods = [], {}
+            keys, users = spend_deltas(rows, periods)
             try:
                 await self.store.write_ledger(rows, keys, users, time.time())
                 self.written += len(rows)
             except Exception as e:  # noqa: BLE001 - keep the rows and try again next time
                 log.error("ledger flush of %d rows failed, will retry: %s", len(rows), e)
-                self._requeue(rows, keys, users)
+                self._requeue(rows, periods)
 
-    def _requeue(self, rows, keys, users) -> None:
+    def _requeue(self, rows: list[tuple], periods: dict[str, tuple]) -> None:
         self._rows[:0] = rows
-        for src, dst in ((keys, self._keys), (users, self._users)):
-            for k, d in src.items():
-                cur = dst.get(k)
-                if cur is None:
-                    dst[k] = d
-                else:
-                    cur.delta += d.delta
-                    cur.tokens += d.tokens
+        for k, v in periods.items():
+            self._periods.setdefault(k, v)      # (a newer key version's periods win)
         if len(self._rows) > self.max_queue:
             drop = len(self._rows) - self.max_queue
             del self._rows[:drop]

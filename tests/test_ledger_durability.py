@@ -213,9 +213,9 @@ async def test_stop_during_a_slow_flush_loses_no_row():
     await led.start()
     row = lambda i: (f"r{i}", 0.0, "k", "u", "m", "m", "p", 1, 0, 1, 0.5, 200, 1.0, None, False, False)  # noqa: E731
     for i in range(10):
-        led.add(row(i), None, None, None)
+        led.add(row(i), (None, None))
     await asyncio.wait_for(store.writing.wait(), 2)
     for i in range(10, 15):
-        led.add(row(i), None, None, None)
+        led.add(row(i), (None, None))
     await led.stop()
     assert sorted(r[0] for r in store.rows) == sorted(f"r{i}" for i in range(15))

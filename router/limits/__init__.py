@@ -53,33 +53,35 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
 
 _RESET_REQ = (b"x-ratelimit-reset-requests", b"1m0s")
 _RESET_TOK = (b"x-ratelimit-reset-tokens", b"1m0s")
-_LIMIT_REQ: dict[int, tuple[bytes, bytes]] = {}
-_LIMIT_TOK: dict[int, tuple[bytes, bytes]] = {}
+_LIMIT_HEADERS: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
 
 
-def _limit_header(cache: dict, name: bytes, value: int) -> tuple[bytes, bytes]:
-    if len(cache) > 10_000:
-        cache.clear()
-    h = cache[value] = (name, b"%d" % value)
+def limit_header(name: bytes, value: int) -> tuple[bytes, bytes]:
+    """An x-ratelimit-limit-* header, made once per value (a limiter holds them per check)."""
+    h = _LIMIT_HEADERS.get((name, value))
+    if h is None:
+        if len(_LIMIT_HEADERS) > 10_000:
+            _LIMIT_HEADERS.clear()
+        h = _LIMIT_HEADERS[(name, value)] = (name, b"%d" % value)
     return h
 
 
-def ratelimit_headers(req: tuple[int, int] | None, tok: tuple[int, int] | None) -> list[tuple[bytes, bytes]]:
-    """x-ratelimit-* from the tightest (limit, remaining) of requests and of tokens.
+def ratelimit_headers(req: tuple[tuple[bytes, bytes], int] | None,
+                      tok: tuple[tuple[bytes, bytes], int] | None) -> list[tuple[bytes, bytes]]:
+    """x-ratelimit-* from the tightest (limit header, remaining) of requests and of tokens.
 
     reset is OpenAI's meaning: the time until the limit is back to its initial state. A request
     just admitted is counted in the current one-second bucket, which leaves the window a minute
-    later: on a success it is always the full minute (OpenAI's text: 1m0s). The limit headers are
-    made once per value. Remaining is never negative here (an admission that would make it so is
-    refused)."""
-    h = []
+    later: on a success it is always the full minute (OpenAI's text: 1m0s). Remaining is never
+    negative here (an admission that would make it so is refused)."""
     if req is not None:
-        h += (_LIMIT_REQ.get(req[0]) or _limit_header(_LIMIT_REQ, b"x-ratelimit-limit-requests", req[0]),
-              (b"x-ratelimit-remaining-requests", b"%d" % req[1]), _RESET_REQ)
+        if tok is not None:
+            return [req[0], (b"x-ratelimit-remaining-requests", b"%d" % req[1]), _RESET_REQ,
+                    tok[0], (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]), _RESET_TOK]
+        return [req[0], (b"x-ratelimit-remaining-requests", b"%d" % req[1]), _RESET_REQ]
     if tok is not None:
-        h += (_LIMIT_TOK.get(tok[0]) or _limit_header(_LIMIT_TOK, b"x-ratelimit-limit-tokens", tok[0]),
-              (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]), _RESET_TOK)
-    return h
+        return [tok[0], (b"x-ratelimit-remaining-tokens", b"%d" % tok[1]), _RESET_TOK]
+    return []
 
 
 def fit_estimate(est: int | None, checks) -> int | None:

@@ -3,6 +3,9 @@
 Check-then-apply runs without an await in between, so on one event loop it is atomic. Spend per
 key and per user starts from the database the first time this process sees the scope and then
 follows every request it serves; the ledger writes the same costs to the database.
+
+This is on every request's path: a (key, route)'s limits are resolved once into a `_Plan` of flat
+tuples, and a window does its expiry only when the second changes.
 """
 from __future__ import annotations
 
@@ -10,36 +13,45 @@ import collections
 import time
 from typing import Callable
 
-from . import fit_estimate, ratelimit_headers, reject
+from . import fit_estimate, limit_header, ratelimit_headers, reject
 from .budget import roll
 from .policy import Check, Policy
 
-
 class Window:
-    """Counts in one-second buckets over the last 60 seconds."""
+    """Counts in one-second buckets over the last 60 seconds: the current second's count (`cur`,
+    second `sec`) and the earlier seconds' ([second, count] in `past`); `total` is all of them."""
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("sec", "cur", "past", "total")
 
     def __init__(self) -> None:
-        self.buckets: collections.deque[list] = collections.deque()
+        self.sec = 0
+        self.cur = 0
+        self.past: collections.deque[list] = collections.deque()
         self.total = 0
 
-    def expire(self, sec: int) -> None:
-        b = self.buckets
-        while b and b[0][0] <= sec - 60:
-            self.total -= b.popleft()[1]
+    def roll(self, sec: int) -> None:
+        """Second `sec` begins: the current count joins the past, and seconds out of the window go."""
+        if self.cur:
+            self.past.append([self.sec, self.cur])
+            self.cur = 0
+        self.sec = sec
+        p = self.past
+        while p and p[0][0] <= sec - 60:
+            self.total -= p.popleft()[1]
 
     def add(self, sec: int, n: int) -> None:
-        b = self.buckets
-        if b and b[-1][0] == sec:
-            b[-1][1] += n
-        else:
-            b.append([sec, n])
+        if sec != self.sec:
+            self.roll(sec)
+        self.cur += n
         self.total += n
 
     def adjust(self, sec: int, delta: int) -> None:
         """Change the count of second `sec`, if it is still in the window."""
-        for entry in reversed(self.buckets):
+        if sec == self.sec:
+            self.cur += delta
+            self.total += delta
+            return
+        for entry in reversed(self.past):
             if entry[0] == sec:
                 entry[1] += delta
                 self.total += delta
@@ -50,22 +62,16 @@ class Window:
     def settle(self, sec: int, est: int, now: int, used: int) -> None:
         """A request's estimate (counted at admission, second `sec`) replaced by the tokens it used,
         counted at the second it ended: a request longer than the window still counts in full."""
-        b = self.buckets
-        if now == sec and b and b[-1][0] == sec:   # ended in the second it was admitted: the usual case
-            b[-1][1] += used - est
-            self.total += used - est
-            return
         if est:
             self.adjust(sec, -est)
         if used:
-            b = self.buckets
-            self.add(max(now, b[-1][0]) if b else now, used)
+            self.add(max(now, self.sec), used)
 
     def reset_in(self, now: float, need: int, limit: int) -> float:
         """Seconds until `need` more fits under `limit`."""
         over = self.total + need - limit
         freed = 0
-        for sec, n in self.buckets:
+        for sec, n in (*self.past, (self.sec, self.cur)):
             freed += n
             if freed >= over:
                 return max(0.0, sec + 60 - now)
@@ -86,29 +92,48 @@ class _Scope:
 
 
 class _Plan:
-    """What admitting one (key, route) touches, resolved once per checks tuple: for each kind of
-    limit, the checks that set one with their scope's counters; and the key's and user's scopes
-    (spend is counted on both, budget or not)."""
+    """What admitting one (key version, route) touches: for each kind of limit, (check, limit,
+    counter) for the checks that set one, with the x-ratelimit-limit-* header of each rate; the
+    key's and user's scopes (spend is counted on both, budget or not). `ready` once both spends
+    are loaded; then `spends` holds them."""
 
-    __slots__ = ("checks", "parallel", "rpm", "tpm", "budget", "tpm_cap", "key_scope", "user_scope")
+    __slots__ = ("key", "route", "version", "checks", "parallel", "inflight", "rpm", "tpm", "tok_windows",
+                 "budget", "tpm_cap", "key_scope", "user_scope", "ready", "spends", "clock")
 
-    def __init__(self, checks: tuple[Check, ...], scope: Callable[[str], _Scope], key_scope: _Scope,
-                 user_scope: _Scope):
-        self.checks = checks
-        self.parallel = tuple((c, scope(c.scope)) for c in checks if c.parallel is not None)
-        self.rpm = tuple((c, scope(c.scope).req) for c in checks if c.rpm is not None)
-        self.tpm = tuple((c, scope(c.scope).tok) for c in checks if c.tpm is not None)
-        self.budget = tuple((c, scope(c.scope)) for c in checks if c.budget is not None)
+    def __init__(self, key, route, checks: tuple[Check, ...], scope: Callable[[str], _Scope], clock):
+        self.key, self.route, self.version, self.checks = key, route, key.updated_at, checks
+        self.parallel = tuple((c, c.parallel, scope(c.scope)) for c in checks if c.parallel is not None)
+        self.inflight = tuple(st for _, _, st in self.parallel)
+        self.rpm = tuple((c, c.rpm, scope(c.scope).req, limit_header(b"x-ratelimit-limit-requests", c.rpm))
+                         for c in checks if c.rpm is not None)
+        self.tpm = tuple((c, c.tpm, scope(c.scope).tok, limit_header(b"x-ratelimit-limit-tokens", c.tpm))
+                         for c in checks if c.tpm is not None)
+        self.tok_windows = tuple(w for _, _, w, _ in self.tpm)
+        self.budget = tuple((c, c.budget, scope(c.scope)) for c in checks if c.budget is not None)
         self.tpm_cap = fit_estimate(None, checks)
-        self.key_scope = key_scope
-        self.user_scope = user_scope
+        self.key_scope = scope(f"k:{key.id}")
+        self.user_scope = scope(f"u:{key.user_id}")
+        self.ready = False
+        self.spends: tuple[list, ...] = ()
+        self.clock = clock
+
+    def loaded(self) -> bool:
+        """Both spends known: from now on no admission of this plan waits for the database."""
+        k, u = self.key_scope.spend, self.user_scope.spend
+        if k is None or u is None:
+            return False
+        for c, _, st in self.budget:
+            if st.spend is not None and st.spend[2] != c.period_s:
+                st.spend[2] = c.period_s        # the key's budget period was changed
+        self.spends = (k, u)
+        self.ready = True
+        return True
 
 
 class MemAdmission:
-    __slots__ = ("lim", "plan", "sec", "est", "headers")
+    __slots__ = ("plan", "sec", "est", "headers")
 
-    def __init__(self, lim: "MemoryLimiter", plan: _Plan, sec: int, est: int, headers: list):
-        self.lim = lim
+    def __init__(self, plan: _Plan, sec: int, est: int, headers: list):
         self.plan = plan
         self.sec = sec
         self.est = est
@@ -117,24 +142,28 @@ class MemAdmission:
     def finish(self, call) -> None:
         """Slots released, the token estimate replaced by the usage, the cost added to the spend."""
         plan = self.plan
-        for _, st in plan.parallel:
+        for st in plan.inflight:
             st.inflight -= 1
         cost = call.cost
-        if plan.tpm or cost:
-            now = self.lim.clock()
-            if plan.tpm:
+        tok = plan.tok_windows
+        if tok or cost:
+            now = plan.clock()
+            if tok:
                 u = call.usage
-                used = (u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0) if u else 0
-                if used != self.est:
-                    for _, w in plan.tpm:
-                        w.settle(self.sec, self.est, int(now), used)
+                d = ((u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0) if u else 0) - self.est
+                if d:
+                    sec = int(now)
+                    for w in tok:
+                        if w.sec == sec == self.sec:    # ended in the second it was admitted: the usual case
+                            w.cur += d
+                            w.total += d
+                        else:
+                            w.settle(self.sec, self.est, sec, self.est + d)
             if cost:
-                for st in (plan.key_scope, plan.user_scope):
-                    s = st.spend
-                    if s is not None:
-                        if s[1] is None or now >= s[1]:    # no period started, or it ended
-                            s[0], s[1] = roll(s[0], s[1], s[2], now)
-                        s[0] += cost
+                for s in plan.spends:
+                    if s[1] is None or now >= s[1]:    # no period started, or it ended
+                        s[0], s[1] = roll(s[0], s[1], s[2], now)
+                    s[0] += cost
 
 
 class MemoryLimiter:
@@ -143,7 +172,7 @@ class MemoryLimiter:
         self.store = store
         self.clock = clock
         self.scopes: dict[str, _Scope] = {}
-        self._plans: dict[int, _Plan] = {}
+        self._plans: dict[tuple[int, int], _Plan] = {}
 
     async def start(self) -> None:
         return None
@@ -157,15 +186,15 @@ class MemoryLimiter:
             s = self.scopes[name] = _Scope()
         return s
 
-    def _plan(self, key, checks: tuple[Check, ...]) -> _Plan:
-        # By identity: Policy hands out the same tuple for a (key version, route), and hashing a
-        # tuple of dataclasses would cost more than the rest of an admission.
-        p = self._plans.get(id(checks))
-        if p is None or p.checks is not checks:
+    def _plan(self, key, route) -> _Plan:
+        # By identity: a key record is replaced, not changed, when the key is (the key cache), and a
+        # plan holds its key and route, so their ids are not reused while it is here.
+        p = self._plans.get((id(key), id(route)))
+        if p is None or p.key is not key or p.route is not route or p.version != key.updated_at:
             if len(self._plans) > 50_000:
                 self._plans.clear()
-            p = self._plans[id(checks)] = _Plan(checks, self._scope, self._scope(f"k:{key.id}"),
-                                                self._scope(f"u:{key.user_id}"))
+            p = self._plans[(id(key), id(route))] = _Plan(key, route, self.policy.checks(key, route),
+                                                          self._scope, self.clock)
         return p
 
     async def _load(self, key, plan: _Plan) -> None:
@@ -190,73 +219,56 @@ class MemoryLimiter:
     async def admit(self, call):
         adm = self.admit_now(call)
         if adm is None:
-            key = call.key
-            await self._load(key, self._plan(key, self.policy.checks(key, call.route)))
+            await self._load(call.key, self._plan(call.key, call.route))
             adm = self.admit_now(call)
         return adm
 
     def admit_now(self, call):
         """admit() without an await, for the scopes whose spend is loaded (every request but a
         scope's first): None where it is not. Raises the 429 as admit() does."""
-        key = call.key
-        checks = self.policy.checks(key, call.route)
-        plan = self._plan(key, checks)
-        if plan.key_scope.spend is None or plan.user_scope.spend is None:
+        plan = self._plan(call.key, call.route)
+        if not plan.ready and not plan.loaded():
             return None
         now = self.clock()
         sec = int(now)
         est = call.prompt_estimate
-        if plan.tpm_cap is not None and est > plan.tpm_cap:
-            est = plan.tpm_cap
-        for c, st in plan.parallel:
-            if st.inflight >= c.parallel:
-                raise reject(c, "parallel", c.parallel, st.inflight, None)
+        cap = plan.tpm_cap
+        if cap is not None and est > cap:
+            est = cap
+        # Check everything, then count: a refused request leaves no trace.
+        for c, n, st in plan.parallel:
+            if st.inflight >= n:
+                raise reject(c, "parallel", n, st.inflight, None)
         req_h = tok_h = None
-        old = sec - 60
-        for c, w in plan.rpm:
-            if w.buckets and w.buckets[0][0] <= old:   # (the call only when a second has gone out)
-                w.expire(sec)
-            rem = c.rpm - w.total - 1
+        for c, n, w, lh in plan.rpm:
+            if w.sec != sec:
+                w.roll(sec)
+            rem = n - w.total - 1
             if rem < 0:
-                raise reject(c, "rpm", c.rpm, w.total, w.reset_in(now, 1, c.rpm))
+                raise reject(c, "rpm", n, w.total, w.reset_in(now, 1, n))
             if req_h is None or rem < req_h[1]:
-                req_h = (c.rpm, rem)
-        for c, w in plan.tpm:
-            if w.buckets and w.buckets[0][0] <= old:
-                w.expire(sec)
-            rem = c.tpm - w.total - est
+                req_h = (lh, rem)
+        for c, n, w, lh in plan.tpm:
+            if w.sec != sec:
+                w.roll(sec)
+            rem = n - w.total - est
             if rem < 0:
-                raise reject(c, "tpm", c.tpm, w.total, w.reset_in(now, est, c.tpm), need=est)
+                raise reject(c, "tpm", n, w.total, w.reset_in(now, est, n), need=est)
             if tok_h is None or rem < tok_h[1]:
-                tok_h = (c.tpm, rem)
-        for c, st in plan.budget:
+                tok_h = (lh, rem)
+        for c, n, st in plan.budget:
             s = st.spend
-            if s is None:
-                spent, reset_at = 0.0, None
-            else:
-                if s[2] != c.period_s:
-                    s[2] = c.period_s        # the key's budget period was changed
-                spent, reset_at = (s[0], s[1]) if s[1] is not None and now < s[1] else roll(s[0], s[1], s[2], now)
-            if spent >= c.budget:
-                raise reject(c, "budget", c.budget, spent, (reset_at - now) if reset_at else None,
-                             reset_at=reset_at)
-        for _, st in plan.parallel:
+            if s[1] is None or now >= s[1]:
+                s[0], s[1] = roll(s[0], s[1], s[2], now)
+            if s[0] >= n:
+                raise reject(c, "budget", n, s[0], (s[1] - now) if s[1] else None, reset_at=s[1])
+        for st in plan.inflight:
             st.inflight += 1
-        # Window.add inlined for the usual case (this second's bucket exists): a call per window
-        # was a tenth of an admission.
-        for _, w in plan.rpm:
-            b = w.buckets
-            if b and b[-1][0] == sec:
-                b[-1][1] += 1
-                w.total += 1
-            else:
-                w.add(sec, 1)
-        for _, w in plan.tpm:
-            b = w.buckets
-            if b and b[-1][0] == sec:
-                b[-1][1] += est
+        for _, _, w, _ in plan.rpm:
+            w.cur += 1
+            w.total += 1
+        if est:
+            for w in plan.tok_windows:
+                w.cur += est
                 w.total += est
-            else:
-                w.add(sec, est)
-        headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
-        return MemAdmission(self, plan, sec, est, headers)
+        return MemAdmission(plan, sec, est, ratelimit_headers(req_h, tok_h))

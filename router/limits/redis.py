@@ -17,7 +17,7 @@ from typing import Callable
 
 from cborg.tasks import stop_task
 
-from . import OPEN, fit_estimate, ratelimit_headers, reject, tokens_used
+from . import OPEN, fit_estimate, limit_header, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
 from .resp import RedisError, RespClient, pack_args, sha1
@@ -315,10 +315,10 @@ class RedisLimiter:
         for kind, i, rem in res[1:]:
             if kind == b"r":
                 if req_h is None or rem < req_h[1]:
-                    req_h = (checks[i].rpm, rem)
+                    req_h = (limit_header(b"x-ratelimit-limit-requests", checks[i].rpm), rem)
             elif tok_h is None or rem < tok_h[1]:
-                tok_h = (checks[i].tpm, rem)
-        headers = ratelimit_headers(req_h, tok_h) if (req_h or tok_h) else []
+                tok_h = (limit_header(b"x-ratelimit-limit-tokens", checks[i].tpm), rem)
+        headers = ratelimit_headers(req_h, tok_h)
         adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds)
         if cmds.par_keys:
             self.held[call.id] = adm
