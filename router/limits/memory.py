@@ -97,11 +97,11 @@ class _Plan:
     key's and user's scopes (spend is counted on both, budget or not). `ready` once both spends
     are loaded; then `spends` holds them."""
 
-    __slots__ = ("key", "route", "version", "checks", "parallel", "inflight", "rpm", "tpm", "tok_windows",
+    __slots__ = ("key", "route", "version", "parallel", "inflight", "rpm", "tpm", "tok_windows",
                  "budget", "tpm_cap", "key_scope", "user_scope", "ready", "spends", "clock")
 
     def __init__(self, key, route, checks: tuple[Check, ...], scope: Callable[[str], _Scope], clock):
-        self.key, self.route, self.version, self.checks = key, route, key.updated_at, checks
+        self.key, self.route, self.version = key, route, key.updated_at   # (held: their ids stay theirs)
         self.parallel = tuple((c, c.parallel, scope(c.scope)) for c in checks if c.parallel is not None)
         self.inflight = tuple(st for _, _, st in self.parallel)
         self.rpm = tuple((c, c.rpm, scope(c.scope).req, limit_header(b"x-ratelimit-limit-requests", c.rpm))
@@ -188,9 +188,9 @@ class MemoryLimiter:
 
     def _plan(self, key, route) -> _Plan:
         # By identity: a key record is replaced, not changed, when the key is (the key cache), and a
-        # plan holds its key and route, so their ids are not reused while it is here.
+        # plan holds its key and route, so a hit on their ids is that key and route.
         p = self._plans.get((id(key), id(route)))
-        if p is None or p.key is not key or p.route is not route or p.version != key.updated_at:
+        if p is None or p.version != key.updated_at:
             if len(self._plans) > 50_000:
                 self._plans.clear()
             p = self._plans[(id(key), id(route))] = _Plan(key, route, self.policy.checks(key, route),
