@@ -157,16 +157,19 @@ class Gateway:
                     "cost": call.cost}
             if call.error:
                 line["error"] = call.error[:300]
+                if call.limit:
+                    line["limit"] = call.limit
             led.log(line)
 
     def refused(self, call, err: HTTPError) -> None:
-        """A request a limit refused: counted and logged; no ledger row (nothing was served)."""
-        self.metrics.rejections.labels(getattr(err, "limit", "other"), getattr(err, "scope_kind", "other")).inc()
-        self.metrics.requests[(call.route.name, 429)] += 1
-        self.ledger.log({"ts": round(time.time(), 3), "level": "info", "logger": "cborg.request",
-                         "msg": "refused", "request_id": call.id, "key_id": call.key.id, "user": call.key.user_id,
-                         "model": call.route.name, "status": 429, "limit": getattr(err, "limit", None),
-                         "error": err.message[:300]})
+        """A request a limit refused: counted by limit, and ended as any call is (a ledger row with
+        no tokens and no cost, status 429, and a log line naming the limit)."""
+        limit = getattr(err, "limit", None)
+        self.metrics.rejections.labels(limit or "other", getattr(err, "scope_kind", "other")).inc()
+        call.status = err.status
+        call.error = err.message
+        call.limit = limit
+        call.finish()
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:

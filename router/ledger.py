@@ -76,7 +76,7 @@ class Ledger:
             self._wake.set()
 
     def log(self, line: dict) -> None:
-        """A request log line without a ledger row (refused requests)."""
+        """A request log line, written with the next flush."""
         if self.log_requests:
             self._logs.append(orjson.dumps(line, default=str))
 

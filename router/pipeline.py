@@ -98,7 +98,7 @@ class Call:
     """One inference request's state, from admission to accounting."""
 
     __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
-                 "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks")
+                 "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit")
 
     def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool):
         self.gw = gw
@@ -119,6 +119,7 @@ class Call:
         self.error: str | None = None
         self.prompt_estimate = 0
         self.chunks = 0
+        self.limit: str | None = None      # the limit that refused it, if one did
 
     def account(self, usage: dict | None) -> float:
         if usage is not None:

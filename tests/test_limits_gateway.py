@@ -28,6 +28,8 @@ def test_parallel_5_of_50_in_process(tmp_path, fresh_mock):
     with running_gateway(tmp_path, fresh_mock) as gw:
         key = gw.new_key(max_parallel_requests=5)
         rs = asyncio.run(burst([gw.url], key, 50))
+        time.sleep(1.0)                                 # a ledger flush
+        rows = gw.run(gw.gw.store.ledger_rows())
     codes = [r.status_code for r in rs]
     assert len(rs) == 50 and set(codes) <= {200, 429}          # every request answered: none lost
     assert fresh_mock.max_active <= 5
@@ -38,6 +40,12 @@ def test_parallel_5_of_50_in_process(tmp_path, fresh_mock):
             assert "parallel" in err["message"] and "5" in err["message"] and err["code"] == "rate_limit_exceeded"
             assert r.headers["retry-after"] == "1"
     assert len(fresh_mock.requests) == codes.count(200)
+    assert len(rows) == 50                                # one row per request, refusals included
+    refused = [r for r in rows if r["status"] == 429]
+    assert len(refused) == codes.count(429)
+    assert all(r["cost"] == 0 and r["prompt_tokens"] == 0 and r["completion_tokens"] == 0 for r in refused)
+    assert sum(r["cost"] for r in rows) == pytest.approx(sum(float(r.headers["x-litellm-response-cost"])
+                                                             for r in rs if r.status_code == 200))
 
 
 def test_on_premises_models_default_to_5_parallel_per_user(tmp_path, fresh_mock):
