@@ -219,3 +219,30 @@ async def test_stop_during_a_slow_flush_loses_no_row():
         led.add(row(i), (None, None))
     await led.stop()
     assert sorted(r[0] for r in store.rows) == sorted(f"r{i}" for i in range(15))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_store_spends_after_ledger_writes(tmp_path, backend, request):
+    """What the Redis limiter reconciles against: each key's and user's spend as the ledger wrote it."""
+    from router.key_admin import create_key
+    from router.ledger import SpendDelta
+    db = request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path / 's.db'}"
+    now = time.time()
+
+    async def main():
+        s = open_store(db)
+        await s.init()
+        try:
+            _, a = await create_key(s, "a@lbl.gov")
+            _, b = await create_key(s, "b@lbl.gov")
+            await s.write_ledger([], {a.id: SpendDelta(0.25, 86400.0), b.id: SpendDelta(0.5, None)},
+                                 {"a@lbl.gov": SpendDelta(0.25, 86400.0), "b@lbl.gov": SpendDelta(0.5, None)}, now)
+            await s.write_ledger([], {a.id: SpendDelta(0.125, 86400.0)}, {"a@lbl.gov": SpendDelta(0.125, 86400.0)}, now)
+            return a, b, await s.spends([a.id, b.id, "key-none"], ["a@lbl.gov", "b@lbl.gov", "nobody@lbl.gov"])
+        finally:
+            await s.close()
+    k1, k2, got = asyncio.run(main())
+    assert got[f"k:{k1.id}"][0] == pytest.approx(0.375) and got[f"k:{k1.id}"][1] == pytest.approx(now + 86400)
+    assert got[f"k:{k2.id}"] == (0.5, None)
+    assert got["u:a@lbl.gov"][0] == pytest.approx(0.375) and got["u:b@lbl.gov"] == (0.5, None)
+    assert "k:key-none" not in got and "u:nobody@lbl.gov" not in got

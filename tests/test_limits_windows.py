@@ -37,6 +37,11 @@ class FakeStore:
     async def find_key(self, kid):
         return self.keys.get(kid)
 
+    async def spends(self, key_ids, user_ids):
+        out = {f"k:{i}": (self.keys[i].spend, self.keys[i].budget_reset_at) for i in key_ids if i in self.keys}
+        out.update({f"u:{i}": (self.users[i].spend, self.users[i].budget_reset_at) for i in user_ids if i in self.users})
+        return out
+
 
 _n = 0
 
@@ -276,6 +281,42 @@ async def test_redis_lease_renewal_reconnects_after_a_lost_connection(redis_url,
         await other.admit(call(k))
     await lim.redis.close()
     await other.redis.close()
+
+
+async def test_redis_spend_reconciled_up_to_the_database(redis_url, redis_prefix):
+    """A finish Redis never ran (its reply is off, so a dropped connection loses it unseen): the
+    database's spend, which the ledger wrote, brings Redis's up; never down, never across periods."""
+    from router.limits.redis import RedisLimiter
+    clock = Clock()
+    start = clock.t
+    conf = LimitsConf(user=LimitSet(budget=1.0, budget_period="30d"))
+    user = UserRecord("u@lbl.gov", spend=0.5, budget_reset_at=start + 86400)
+    store = FakeStore(users={"u@lbl.gov": user})
+    lim = RedisLimiter(redis_url, Policy(conf), store, prefix=redis_prefix, clock=clock)
+    await lim.start()
+    k = key()
+    c = call(k)
+    await lim.admit(c)                    # seeds Redis with the database's 0.50
+    user.spend = 1.1                      # the ledger wrote this request's $0.60; its finish was lost
+    assert await lim.reconcile_once() == 1
+    with pytest.raises(HTTPError) as e:
+        await lim.admit(call(k))
+    assert "spent $1.10" in e.value.message
+    user.spend = 0.2                      # a database behind Redis (rows not flushed yet): Redis keeps its own
+    assert await lim.reconcile_once() == 0
+    with pytest.raises(HTTPError):
+        await lim.admit(call(k))
+    # Redis's period ends; the database's, which began at its first flush, ends 5 s later: its
+    # spend belongs to the old period and must not come into the new one.
+    user.spend, user.budget_reset_at = 5.0, start + 86400 + 5
+    clock.t = start + 86400 + 1
+    await lim.admit(call(k))              # Redis rolls over to zero
+    assert await lim.reconcile_once() == 0
+    await lim.admit(call(k))
+    clock.t = start + 86400 + 6           # both in the new period: the database's rolled figure is 0
+    assert await lim.reconcile_once() == 0
+    await lim.admit(call(k))
+    await lim.stop()
 
 
 async def test_redis_down_admits_open_and_counts_errors():

@@ -5,7 +5,8 @@ request is one more, sent without waiting for its reply. Parallel slots are leas
 (score = expiry, in ms): this replica renews the leases of its in-flight requests every lease/3 seconds,
 so a replica that dies stops renewing and its slots free themselves within `lease_s`.
 Budgets: spend per scope lives in a Redis hash, seeded from the database the first time a scope is
-seen (and again if Redis loses it); the ledger keeps the database's copy.
+seen (and again if Redis loses it); the ledger keeps the database's copy, and every `reconcile_s`
+Redis's figure is raised to the database's where Redis missed a request's end (RECONCILE).
 If Redis is unreachable, requests are admitted without limits (logged, counted in /metrics).
 """
 from __future__ import annotations
@@ -153,6 +154,26 @@ end
 return 1
 """
 
+# KEYS: a budget hash. ARGV: the database's spend and reset time (rolled to now; '' = no period), and
+# how far two reset times may differ and still name the same period (the database's and Redis's
+# periods start when each first saw the scope, a flush apart).
+# The database's spend is the ledger's, flushed after each request ended: it trails Redis's and
+# is never above the truth. So a database spend above Redis's means Redis missed a finish (its
+# reply is switched off, so a dropped connection loses it unseen, or Redis restarted and was
+# seeded before the last rows were flushed): Redis takes the database's figure.
+RECONCILE = """
+local b = redis.call('HMGET', KEYS[1], 'spend', 'reset_at')
+if not b[1] then return 0 end
+local spend, reset_at, db, db_reset = tonumber(b[1]), tonumber(b[2]), tonumber(ARGV[1]), tonumber(ARGV[2])
+if (reset_at == nil) ~= (db_reset == nil) then return 0 end
+if reset_at and math.abs(reset_at - db_reset) > tonumber(ARGV[3]) then return 0 end
+if db > spend + 1e-12 then
+  redis.call('HSET', KEYS[1], 'spend', ARGV[1])
+  return 1
+end
+return 0
+"""
+
 SEED = """
 if redis.call('HSETNX', KEYS[1], 'spend', ARGV[1]) == 1 and ARGV[2] ~= '' then
   redis.call('HSET', KEYS[1], 'reset_at', ARGV[2])
@@ -190,6 +211,9 @@ class Commands:
         self.finish_n = 3 + len(fkeys) + 7 + len(fargs)
         self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
         self.tpm_cap = fit_estimate(None, checks)
+        for c in checks:
+            if c.budget is not None:
+                lim.budget_scopes[c.scope] = c.period_s
 
     def admit(self, *head) -> bytes:
         return b"*%d\r\n" % self.admit_n + self.admit_head + pack_args(*head) + self.admit_tail
@@ -216,7 +240,8 @@ class RedisAdmission:
 
 class RedisLimiter:
     def __init__(self, url: str, policy: Policy, store, lease_s: float = 30.0, prefix: str = "cborg:",
-                 clock: Callable[[], float] = time.time, on_error: Callable[[], None] | None = None):
+                 clock: Callable[[], float] = time.time, on_error: Callable[[], None] | None = None,
+                 reconcile_s: float = 10.0):
         self.redis = RespClient(url)
         self.policy = policy
         self.store = store
@@ -227,12 +252,15 @@ class RedisLimiter:
         self.on_error = on_error
         self.held: dict[str, RedisAdmission] = {}    # this replica's in-flight leases
         self._renewer: asyncio.Task | None = None
+        self.reconcile_s = reconcile_s
+        self.budget_scopes: dict[str, float | None] = {}   # budget scope -> period (s): reconciled
+        self._reconciler: asyncio.Task | None = None
         self._keys_cache: dict[str, tuple] = {}
         self._cmds: dict[int, tuple[tuple, Commands]] = {}
         self._last_err = 0.0
 
     async def _load_scripts(self) -> None:
-        for s in (ADMIT, FINISH, SEED):
+        for s in (ADMIT, FINISH, SEED, RECONCILE):
             await self.redis.call("SCRIPT", "LOAD", s)
 
     async def _run(self, packed: bytes):
@@ -251,9 +279,11 @@ class RedisLimiter:
         except RedisError as e:
             log.error("Redis unavailable at start-up (limits open until it is back): %s", e)
         self._renewer = asyncio.create_task(self._renew(), name="lease-renewer")
+        self._reconciler = asyncio.create_task(self._reconcile(), name="spend-reconciler")
 
     async def stop(self) -> None:
         await stop_task(self._renewer)
+        await stop_task(self._reconciler)
         await self.redis.close()
 
     def _names(self, scope: str) -> tuple:
@@ -378,6 +408,45 @@ class RedisLimiter:
                     raise r
         except (RedisError, asyncio.TimeoutError) as e:
             self._error(e)
+
+    async def _reconcile(self) -> None:
+        while True:
+            await asyncio.sleep(self.reconcile_s)
+            if self.budget_scopes:
+                try:
+                    await self.reconcile_once()
+                except Exception as e:  # noqa: BLE001 - a database or Redis hiccup: next time
+                    log.warning("spend reconciliation failed: %s", e)
+
+    async def reconcile_once(self) -> int:
+        """Bring Redis's spend of the budget scopes this replica has met up to the database's where
+        Redis missed some (RECONCILE says when). Returns how many scopes were raised."""
+        scopes = dict(self.budget_scopes)
+        if len(self.budget_scopes) > 100_000:
+            self.budget_scopes.clear()
+        keys = [s[2:] for s in scopes if s.startswith("k:")]
+        users = [s[2:] for s in scopes if s.startswith("u:")]
+        db = await self.store.spends(keys, users)
+        now = self.clock()
+        calls = []
+        for scope, period in scopes.items():
+            got = db.get(scope)
+            if got is not None:
+                spend, reset_at = roll(got[0], got[1], period, now)
+                calls.append(("EVALSHA", sha1(RECONCILE), 1, self._names(scope)[3], repr(spend),
+                              repr(reset_at) if reset_at is not None else "", (period or 0) / 2))
+        for attempt in (1, 2):
+            await self.redis.connect()
+            got = await asyncio.wait_for(asyncio.gather(*[self.redis.send(*c) for c in calls],
+                                                        return_exceptions=True), max(1.0, self.lease_s / 3))
+            errors = [r for r in got if isinstance(r, Exception)]
+            if attempt == 1 and any(str(e).startswith("NOSCRIPT") for e in errors):
+                await self._load_scripts()        # Redis restarted since: once more with the scripts
+                continue
+            if errors:
+                raise errors[0]
+            return sum(1 for r in got if r == 1)
+        return 0
 
     def spend_of(self, scope: str) -> float | None:
         return None

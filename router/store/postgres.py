@@ -160,6 +160,18 @@ class PostgresStore:
             user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at, user.created_at)
 
     # -- ledger and spend
+    async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
+        out: dict[str, tuple[float, float | None]] = {}
+        if key_ids:
+            for r in await self.pool.fetch("SELECT id, spend, budget_reset_at FROM keys WHERE id = ANY($1::text[])",
+                                           key_ids):
+                out["k:" + r[0]] = (r[1], r[2])
+        if user_ids:
+            for r in await self.pool.fetch("SELECT user_id, spend, budget_reset_at FROM users "
+                                           "WHERE user_id = ANY($1::text[])", user_ids):
+                out["u:" + r[0]] = (r[1], r[2])
+        return out
+
     async def write_ledger(self, rows: list[tuple], keys: dict, users: dict, now: float) -> None:
         recs = [(*r[:14], bool(r[14]), bool(r[15])) for r in rows]
         async with self.pool.acquire() as c:

@@ -225,6 +225,18 @@ class SQLiteStore:
              user.created_at)))
 
     # -- ledger and spend
+    async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
+        def q(db: sqlite3.Connection) -> dict[str, tuple[float, float | None]]:
+            out: dict[str, tuple[float, float | None]] = {}
+            for table, col, prefix, ids in (("keys", "id", "k:", key_ids), ("users", "user_id", "u:", user_ids)):
+                for i in range(0, len(ids), 500):      # (SQLite's limit on bound parameters)
+                    part = ids[i:i + 500]
+                    for r in db.execute(f"SELECT {col}, spend, budget_reset_at FROM {table} "
+                                        f"WHERE {col} IN ({','.join('?' * len(part))})", part):
+                        out[prefix + r[0]] = (r[1], r[2])
+            return out
+        return await self._run(q)
+
     async def write_ledger(self, rows: list[tuple], keys: dict, users: dict, now: float) -> None:
         def tx(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
