@@ -27,6 +27,11 @@ def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") 
         load_catalog(settings.config_path)  # fail fast, with the bad field named
     except ConfigError as e:
         _die(str(e))
+    if workers > 1 and settings.accounting and not settings.redis_url:
+        # Each worker is a process with its own in-process limiter: 5 parallel requests would be 5
+        # per worker and a budget could be spent once per worker.
+        _die(f"--workers {workers} needs CBORG_REDIS_URL: limits and budgets are shared between worker "
+             "processes only through Redis. Set CBORG_REDIS_URL, or run one worker.")
     from cborg.logs import setup_logging
     setup_logging(log_level)
     kw = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,

@@ -182,6 +182,16 @@ def test_router_refuses_to_start_on_bad_config(tmp_path):
     assert r.returncode == 2 and "nope" in r.stderr and "models[0]" in r.stderr
 
 
+def test_router_workers_need_redis_for_shared_limits(tmp_path):
+    """Several worker processes with in-process limiters would each enforce the limits on their own."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "CBORG_REDIS_URL"}
+    r = subprocess.run([sys.executable, "-m", "cborg.cli", "router", "--workers", "2", "--port", str(free_port())],
+                       env={**env, "CBORG_DATABASE_URL": f"sqlite:///{tmp_path / 'w.db'}"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--workers 2 needs CBORG_REDIS_URL" in r.stderr
+
+
 def test_catalog_has_every_public_name():
     from router.catalog import load_catalog
     cat = load_catalog(ROOT / "models.yaml")
