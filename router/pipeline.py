@@ -262,7 +262,8 @@ class Pipeline:
                     break
                 try:
                     ad = adapter(route.provider.protocol)
-                    prepare = getattr(ad, "prepare", None)
+                    # (A module's getattr with a default formats an AttributeError when it is missing.)
+                    prepare = ad.__dict__.get("prepare")
                     if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
                         await prepare(ep)
                     ureq = ad.build(ep, route, call.op, body, call.stream)

@@ -149,7 +149,7 @@ def register(app: App, gw: "Gateway") -> None:
         spend, reset_at = roll(user.spend if user else 0.0, user.budget_reset_at if user else None, period, time.time())
         return json_response({"user_id": uid, "user_info": {
             "user_id": uid, "spend": live if live is not None else spend,
-            "max_budget": user.max_budget if user and user.max_budget is not None else conf.budget,
+            "max_budget": conf.budget,      # what the limiter enforces: per-user budgets come from models.yaml
             "budget_duration": conf.budget_period, "budget_reset_at": iso(reset_at),
             "budget_applies_to": "commercial models"}, "keys": [key_info(k, gw.policy) for k in keys]})
 
