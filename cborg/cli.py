@@ -85,13 +85,34 @@ def _fmt_time(ts: float | None) -> str:
     return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
 
 
-def _key_fields(a) -> dict:
+_DEFAULT = "default"      # a limit option's value that clears the setting: models.yaml's default applies
+_LIMIT_OPTIONS = (("parallel", "max_parallel"), ("rpm", "rpm"), ("tpm", "tpm"), ("budget", "max_budget"),
+                  ("budget_period", "budget_period"))
+
+
+def _limit_value(conv):
+    """argparse type of a limit option: a number, or 'default'."""
+    def parse(v: str):
+        return _DEFAULT if v.strip().lower() == _DEFAULT else conv(v)
+    parse.__name__ = conv.__name__
+    return parse
+
+
+def _limit_fields(a) -> dict:
     out = {}
-    for attr, field in (("alias", "alias"), ("models", "models"), ("parallel", "max_parallel"), ("rpm", "rpm"),
-                        ("tpm", "tpm"), ("budget", "max_budget"), ("budget_period", "budget_period")):
+    for attr, field in _LIMIT_OPTIONS:
         v = getattr(a, attr, None)
         if v is not None:
-            out[field] = v
+            out[field] = None if v == _DEFAULT else v
+    return out
+
+
+def _key_fields(a) -> dict:
+    out = _limit_fields(a)
+    for attr in ("alias", "models"):
+        v = getattr(a, attr, None)
+        if v is not None:
+            out[attr] = v
     if getattr(a, "expires", None) is not None:
         out["expires"] = a.expires
     if "models" in out:
@@ -169,16 +190,66 @@ def cmd_keys(a) -> None:
     sys.exit(asyncio.run(_keys(a)))
 
 
+# -- users ----------------------------------------------------------------------------------
+async def _users(a) -> int:
+    from router.catalog import load_catalog
+    from router.config import Settings
+    from router.key_admin import KeyInputError, user_changes
+    from router.limits.policy import Policy
+
+    store = _store()
+    await store.init()
+    try:
+        if a.users_cmd == "update":
+            try:
+                changes = user_changes(_limit_fields(a))
+            except KeyInputError as e:
+                _die(str(e))
+            if not changes:
+                _die("nothing to change: give --parallel, --rpm, --tpm, --budget or --budget-period")
+            await store.update_user(a.user, changes)
+        user = await store.get_user(a.user)
+        keys = await store.list_keys(a.user)
+        if user is None and not keys:
+            _die(f"no such user: {a.user}", 1)
+        pol = Policy(load_catalog(Settings.from_env().config_path).conf.limits,
+                     {a.user: user} if user is not None and user.updated_at else {})
+        c = pol.user_check(a.user)
+        print(json.dumps({"user_id": a.user, "spend": user.spend if user else 0.0,
+                          "budget_reset_at": _fmt_time(user.budget_reset_at) if user and user.budget_reset_at else None,
+                          "applies": {"max_parallel": c.parallel, "rpm": c.rpm, "tpm": c.tpm, "max_budget": c.budget,
+                                      "budget_period_s": c.period_s},
+                          "set_for_this_user": {f: getattr(user, f) for f in ("max_parallel", "rpm", "tpm", "max_budget",
+                                                                              "budget_period")
+                                                if user is not None and getattr(user, f) is not None},
+                          "keys": [k.id for k in keys]}, indent=2))
+        if a.users_cmd == "update":
+            print("# every gateway replica applies it within a few seconds", file=sys.stderr)
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_users(a) -> None:
+    sys.exit(asyncio.run(_users(a)))
+
+
 # -- parser ---------------------------------------------------------------------------------
 def _add_key_limits(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", help="a name for the key")
     p.add_argument("--models", help="comma-separated model names the key may use (default: all)")
     p.add_argument("--expires", help="lifetime, e.g. 365d, 12h, never (default 365d)")
-    p.add_argument("--parallel", type=int, help="max parallel requests")
-    p.add_argument("--rpm", type=int, help="requests per minute")
-    p.add_argument("--tpm", type=int, help="tokens per minute")
-    p.add_argument("--budget", type=float, help="budget in USD per period (commercial models only)")
-    p.add_argument("--budget-period", help="budget period, e.g. 30d")
+    _add_limits(p)
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """Limit options of keys and users; 'default' clears one (models.yaml's applies again)."""
+    p.add_argument("--parallel", type=_limit_value(int), help="max parallel requests (or 'default')")
+    p.add_argument("--rpm", type=_limit_value(int), help="requests per minute (or 'default')")
+    p.add_argument("--tpm", type=_limit_value(int), help="tokens per minute (or 'default')")
+    p.add_argument("--budget", type=_limit_value(float),
+                   help="budget in USD per period, commercial models only (or 'default')")
+    p.add_argument("--budget-period", type=_limit_value(str), help="budget period, e.g. 30d (or 'default')")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("key", metavar="KEY_OR_ID")
     _add_key_limits(u)
     k.set_defaults(fn=cmd_keys)
+
+    us = sub.add_parser("users", help="a user's own limits and budget (in CBORG_DATABASE_URL)")
+    uss = us.add_subparsers(dest="users_cmd", required=True)
+    ui = uss.add_parser("info", help="a user's spend, the limits that apply, their keys")
+    ui.add_argument("user", metavar="EMAIL")
+    uu = uss.add_parser("update", help="set a user's limits (override models.yaml's limits.user)")
+    uu.add_argument("user", metavar="EMAIL")
+    _add_limits(uu)
+    us.set_defaults(fn=cmd_users)
 
     return ap
 

@@ -54,7 +54,7 @@ class Gateway:
         self.keys = KeyCache(self.store, settings.key_refresh_s)
         self.pool = UpstreamPool()
         self.metrics = Metrics()
-        self.policy = Policy(self.catalog.conf.limits)
+        self.policy = Policy(self.catalog.conf.limits, self.keys.users)
         if not settings.accounting:
             self.limiter = NullLimiter()
             self.ledger = Ledger(None, log_requests=settings.request_logs)

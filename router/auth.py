@@ -17,7 +17,7 @@ import time
 from cborg.asgi import HTTPError
 from cborg.tasks import stop_task
 
-from .store.base import KeyRecord, Store
+from .store.base import KeyRecord, Store, UserRecord
 
 log = logging.getLogger("cborg.auth")
 
@@ -58,12 +58,15 @@ class KeyCache:
         self.refresh_s = refresh_s
         self.negative_ttl_s = negative_ttl_s
         self.by_hash: dict[str, KeyRecord] = {}
+        self.users: dict[str, UserRecord] = {}      # users with limits of their own (the policy reads them)
         self._negative: dict[str, float] = {}
         self._since = 0.0
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._since = time.time()
+        for u in await self.store.users_changed_since(0.0):
+            self.users[u.user_id] = u
         for k in await self.store.list_keys():
             self.by_hash[k.key_hash] = k
         self._task = asyncio.create_task(self._poll(), name="key-cache-refresh")
@@ -74,7 +77,12 @@ class KeyCache:
     async def refresh(self) -> None:
         # Overlap the window by a few seconds: replicas' clocks and commit order differ a little.
         start = time.time()
-        for k in await self.store.keys_changed_since(self._since - 5.0):
+        keys = await self.store.keys_changed_since(self._since - 5.0)
+        # Users after keys: a user's change marks their keys in the same commit, so keys seen
+        # changed here come with their user's new limits (the policy caches checks per key version).
+        for u in await self.store.users_changed_since(self._since - 5.0):
+            self.users[u.user_id] = u
+        for k in keys:
             self.put(k)
         self._since = start
 

@@ -1,4 +1,5 @@
-"""Creating and changing API keys: shared by the admin HTTP API and `cborg keys`."""
+"""Creating and changing API keys and users' limits: shared by the admin HTTP API, `cborg keys`
+and `cborg users`."""
 from __future__ import annotations
 
 import time
@@ -10,15 +11,19 @@ from .store.base import KeyRecord, Store
 
 DEFAULT_EXPIRY = "365d"
 
-# Fields an admin may set, with the LiteLLM names accepted for each.
-_FIELD_NAMES = {
-    "alias": ("alias", "key_alias"),
-    "models": ("models",),
+# Fields an admin may set, with the LiteLLM names accepted for each: limits (keys and users)...
+_LIMIT_NAMES = {
     "max_parallel": ("max_parallel", "max_parallel_requests", "parallel"),
     "rpm": ("rpm", "rpm_limit"),
     "tpm": ("tpm", "tpm_limit"),
     "max_budget": ("max_budget", "budget"),
     "budget_period": ("budget_period", "budget_duration"),
+}
+# ... and what only keys have.
+_FIELD_NAMES = {
+    "alias": ("alias", "key_alias"),
+    "models": ("models",),
+    **_LIMIT_NAMES,
     "metadata": ("metadata",),
     "blocked": ("blocked",),
 }
@@ -61,21 +66,19 @@ def _bool(name: str, v: Any) -> bool:
     raise KeyInputError(f"{name} must be true or false")
 
 
-def key_changes(data: dict[str, Any]) -> dict[str, Any]:
-    """Validated KeyRecord changes from a request body (LiteLLM or CBorg field names)."""
+def _named(data: dict[str, Any], names: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """The fields present in `data` under any of their names."""
     out: dict[str, Any] = {}
-    for field, names in _FIELD_NAMES.items():
-        for n in names:
+    for field, aliases in names.items():
+        for n in aliases:
             if n in data:
                 out[field] = data[n]
                 break
-    if "models" in out:
-        m = out["models"]
-        if isinstance(m, str):
-            m = [x.strip() for x in m.split(",") if x.strip()]
-        if not isinstance(m, list) or not all(isinstance(x, str) for x in m):
-            raise KeyInputError("models must be a list of model names")
-        out["models"] = m
+    return out
+
+
+def _check_limits(out: dict[str, Any]) -> None:
+    """Limit fields validated in place (None clears one: the default applies again)."""
     for f in ("max_parallel", "rpm", "tpm"):
         if f in out:
             out[f] = _int(f, out[f])
@@ -86,6 +89,30 @@ def key_changes(data: dict[str, Any]) -> dict[str, Any]:
             parse_duration(out["budget_period"])
         except ValueError as e:
             raise KeyInputError(f"budget_period: {e}") from None
+
+
+def user_changes(data: dict[str, Any]) -> dict[str, Any]:
+    """Validated changes of a user's limits from a request body (LiteLLM or CBorg field names)."""
+    unknown = set(data) - {n for names in _LIMIT_NAMES.values() for n in names} - {"user_id", "user"}
+    if unknown:
+        raise KeyInputError(f"unknown user fields: {', '.join(sorted(unknown))} (a user has max_parallel_requests, "
+                            "rpm_limit, tpm_limit, max_budget, budget_duration)")
+    out = _named(data, _LIMIT_NAMES)
+    _check_limits(out)
+    return out
+
+
+def key_changes(data: dict[str, Any]) -> dict[str, Any]:
+    """Validated KeyRecord changes from a request body (LiteLLM or CBorg field names)."""
+    out = _named(data, _FIELD_NAMES)
+    if "models" in out:
+        m = out["models"]
+        if isinstance(m, str):
+            m = [x.strip() for x in m.split(",") if x.strip()]
+        if not isinstance(m, list) or not all(isinstance(x, str) for x in m):
+            raise KeyInputError("models must be a list of model names")
+        out["models"] = m
+    _check_limits(out)
     if "metadata" in out and not isinstance(out["metadata"], dict):
         raise KeyInputError("metadata must be an object")
     if "blocked" in out:

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import admin_new_key, gateway_replicas, running_gateway
+from tests.conftest import MASTER_KEY, admin_new_key, gateway_replicas, running_gateway
 from tests.mocks.openai_mock import Scripted
 
 CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hello there"}]}
@@ -280,3 +280,68 @@ def test_client_gone_frees_parallel_slot_and_cancels_upstream(tmp_path, fresh_mo
         time.sleep(0.8)
         rows = gw.run(gw.gw.store.ledger_rows())
         assert sorted(x["status"] for x in rows) == [200, 499]
+
+
+def test_user_limits_override_the_defaults(tmp_path, fresh_mock):
+    """An admin raises one user's budget and caps their parallel requests: enforced at once, on every
+    key of theirs; null puts a limit back to models.yaml's; other users keep the defaults."""
+    def edit(conf):
+        conf["limits"] = {"user": {"budget": 0.0001, "budget_period": "30d"}}
+    fresh_mock.delay = 0.4
+    with running_gateway(tmp_path, fresh_mock, edit=edit) as gw:
+        k1, k2 = gw.new_key("grant@lbl.gov"), gw.new_key("grant@lbl.gov")
+        other = gw.new_key("plain@lbl.gov")
+        big = {**CHAT, "messages": [{"role": "user", "content": "x " * 100}]}
+        for k in (k1, other):                       # each user spends past the default $0.0001
+            assert httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {k}"},
+                              json=big, timeout=30).status_code == 200
+        time.sleep(0.8)
+        r = gw.admin("POST", "/user/update", json={"user_id": "grant@lbl.gov", "max_budget": 500,
+                                                   "max_parallel_requests": 2})
+        assert r.status_code == 200, r.text
+        ui = r.json()["user_info"]
+        assert ui["max_budget"] == 500 and ui["max_parallel_requests"] == 2 and ui["budget_duration"] == "30d"
+        assert ui["limits_set"] == {"max_budget": 500, "max_parallel": 2} and len(r.json()["keys"]) == 2
+        rs = asyncio.run(burst([gw.url], k2, 4))   # the budget no longer refuses; 2 in flight at most
+        assert sorted(x.status_code for x in rs) == [200, 200, 429, 429], [x.text for x in rs]
+        assert "user grant@lbl.gov: the limit is 2 in flight" in next(x for x in rs if x.status_code == 429).text
+        c = openai.OpenAI(api_key=other, base_url=gw.url, max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:   # other users: models.yaml's budget
+            c.chat.completions.create(**CHAT)
+        assert "Budget exceeded for user plain@lbl.gov" in str(e.value)
+        info = httpx.get(gw.url + "/user/info", headers={"Authorization": f"Bearer {k1}"}).json()["user_info"]
+        assert info["max_budget"] == 500 and info["max_parallel_requests"] == 2
+        # back to the default budget: refused again
+        assert gw.admin("POST", "/user/update", json={"user_id": "grant@lbl.gov", "budget": None}).status_code == 200
+        r = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {k1}"}, json=CHAT)
+        assert r.status_code == 429 and "Budget exceeded for user grant@lbl.gov" in r.text
+        # bad input: a clear 400, a 401 without the master key
+        for body, word in (({"max_budget": 5}, "user_id"), ({"user_id": "grant@lbl.gov", "rpm_limit": -1}, "negative"),
+                           ({"user_id": "grant@lbl.gov", "max_budget": "lots"}, "number"),
+                           ({"user_id": "grant@lbl.gov", "budget_duration": "monthly"}, "budget_period"),
+                           ({"user_id": "grant@lbl.gov", "models": ["x"]}, "unknown user fields: models")):
+            r = gw.admin("POST", "/user/update", json=body)
+            assert r.status_code == 400 and word in r.json()["error"]["message"], (body, r.text)
+        assert httpx.post(gw.url + "/user/update", headers={"Authorization": f"Bearer {k1}"},
+                          json={"user_id": "grant@lbl.gov", "max_budget": 1e9}).status_code == 401
+
+
+def test_user_limits_reach_every_replica(tmp_path, fresh_mock, pg_url, redis_url, redis_prefix):
+    """Set through one replica (or `cborg users update`), applied by the other within its key poll."""
+    import os
+    import subprocess
+    import sys
+    fresh_mock.delay = 0.5
+    env = {"CBORG_DATABASE_URL": pg_url, "CBORG_REDIS_URL": redis_url, "CBORG_REDIS_PREFIX": redis_prefix}
+    with gateway_replicas(tmp_path, fresh_mock, 2, env) as urls:
+        key = admin_new_key(urls[0], user_id="two@lbl.gov")
+        r = httpx.post(urls[0] + "/user/update", headers={"Authorization": f"Bearer {MASTER_KEY}"},
+                       json={"user_id": "two@lbl.gov", "max_parallel_requests": 1})
+        assert r.status_code == 200, r.text
+        time.sleep(3.0)                                     # the other replica's key poll (2 s)
+        assert sorted(x.status_code for x in asyncio.run(burst([urls[1]], key, 3))) == [200, 429, 429]
+        cli = subprocess.run([sys.executable, "-m", "cborg.cli", "users", "update", "two@lbl.gov", "--parallel", "3"],
+                             env={**os.environ, "CBORG_DATABASE_URL": pg_url}, capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and '"max_parallel": 3' in cli.stdout, cli.stderr
+        time.sleep(3.0)
+        assert sorted(x.status_code for x in asyncio.run(burst(urls, key, 4))) == [200, 200, 200, 429]

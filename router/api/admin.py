@@ -1,12 +1,12 @@
-"""The key admin API (LiteLLM-style paths and shapes), guarded by CBORG_MASTER_KEY."""
+"""The key and user admin API (LiteLLM-style paths and shapes), guarded by CBORG_MASTER_KEY."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 from cborg.asgi import App, HTTPError, Request, json_response
 
-from ..key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key
-from .info import is_master, key_info
+from ..key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key, user_changes
+from .info import is_master, key_info, user_info_of
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -35,6 +35,13 @@ def _canonical_models(gw: "Gateway", fields: dict) -> None:
             fields["models"] = gw.catalog.key_models(m)
         except ValueError as e:
             raise KeyInputError(f"models: {e}") from None
+
+
+async def apply_user_changes(gw: "Gateway", uid: str, changes: dict[str, Any]) -> None:
+    """Store a user's limits; this replica applies them at once (others at their next key poll)."""
+    gw.keys.users[uid] = await gw.store.update_user(uid, changes)
+    for k in await gw.store.list_keys(uid):
+        gw.keys.put(k)
 
 
 def register(app: App, gw: "Gateway") -> None:
@@ -110,9 +117,25 @@ def register(app: App, gw: "Gateway") -> None:
         return json_response({"keys": [k.id for k in keys], "data": [key_info(k, gw.policy) for k in keys],
                               "total_count": len(keys)})
 
+    async def update_user(req: Request):
+        """A user's own limits (LiteLLM's /user/update): null puts one back to models.yaml's default."""
+        require_master(gw, req)
+        d = await _body(req, gw)
+        uid = d.get("user_id") or d.get("user")
+        if not isinstance(uid, str) or not uid.strip():
+            raise HTTPError(400, "Name the user: 'user_id' (their e-mail).", param="user_id")
+        try:
+            changes = user_changes(d)
+        except KeyInputError as e:
+            raise HTTPError(400, str(e)) from None
+        if changes:
+            await apply_user_changes(gw, uid, changes)
+        return json_response(await user_info_of(gw, uid) or {"user_id": uid, "user_info": None, "keys": []})
+
     app.route("/key/generate", "POST", generate)
     app.route("/key/update", "POST", update)
     app.route("/key/delete", "POST", delete)
     app.route("/key/block", "POST", block)
     app.route("/key/unblock", "POST", unblock)
     app.route("/key/list", "GET", list_keys)
+    app.route("/user/update", "POST", update_user)

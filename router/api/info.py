@@ -18,7 +18,7 @@ from ..limits.budget import roll
 from ..limits.policy import Policy
 from ..providers.base import normalize_usage
 from ..pipeline import allowed
-from ..store.base import KeyRecord
+from ..store.base import USER_LIMIT_FIELDS, KeyRecord
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -88,6 +88,28 @@ def key_info(k: KeyRecord, policy: Policy, live_spend: float | None = None) -> d
     }
 
 
+async def user_info_of(gw: "Gateway", uid: str) -> dict | None:
+    """LiteLLM's /user/info body: the user's spend and the limits that apply to them (their own
+    where an admin set them, else models.yaml's `limits.user`), and their keys. None: no such user."""
+    user = await gw.store.get_user(uid)
+    keys = await gw.store.list_keys(uid)
+    if user is None and not keys:
+        return None
+    c = gw.policy.user_check(uid)
+    live = gw.limiter.spend_of(f"u:{uid}")
+    spend, reset_at = roll(user.spend if user else 0.0, user.budget_reset_at if user else None, c.period_s,
+                           time.time())
+    conf = gw.policy.conf.user
+    own = user if user is not None and user.updated_at else None
+    return {"user_id": uid, "user_info": {
+        "user_id": uid, "spend": live if live is not None else spend,
+        "max_budget": c.budget, "budget_duration": (own and own.budget_period) or conf.budget_period,
+        "budget_reset_at": iso(reset_at), "budget_applies_to": "commercial models",
+        "max_parallel_requests": c.parallel, "rpm_limit": c.rpm, "tpm_limit": c.tpm,
+        "limits_set": {f: getattr(own, f) for f in USER_LIMIT_FIELDS if getattr(own, f) is not None} if own else {}},
+        "keys": [key_info(k, gw.policy) for k in keys]}
+
+
 def is_master(gw: "Gateway", req: Request) -> bool:
     mk = gw.settings.master_key
     tok = bearer_token(req.headers)
@@ -139,19 +161,10 @@ def register(app: App, gw: "Gateway") -> None:
             uid = key.user_id
             if req.query.get("user_id") not in (None, uid):
                 raise HTTPError(403, "A key may only read its own user's info.", code="forbidden")
-        user = await gw.store.get_user(uid)
-        keys = await gw.store.list_keys(uid)
-        if user is None and not keys:
+        info = await user_info_of(gw, uid)
+        if info is None:
             raise HTTPError(404, f"No such user: {uid}.", code="user_not_found", param="user_id")
-        conf = gw.catalog.conf.limits.user
-        _, period = gw.policy.periods(keys[0]) if keys else (None, conf.period_s)
-        live = gw.limiter.spend_of(f"u:{uid}")
-        spend, reset_at = roll(user.spend if user else 0.0, user.budget_reset_at if user else None, period, time.time())
-        return json_response({"user_id": uid, "user_info": {
-            "user_id": uid, "spend": live if live is not None else spend,
-            "max_budget": conf.budget,      # what the limiter enforces: per-user budgets come from models.yaml
-            "budget_duration": conf.budget_period, "budget_reset_at": iso(reset_at),
-            "budget_applies_to": "commercial models"}, "keys": [key_info(k, gw.policy) for k in keys]})
+        return json_response(info)
 
     async def cost_calculate(req: Request):
         await caller_key(gw, req)

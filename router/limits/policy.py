@@ -1,10 +1,14 @@
-"""Which limits apply to a request: the key's, its user's, and per-user model-group limits."""
+"""Which limits apply to a request: the key's, its user's, and per-user model-group limits.
+
+A key's own limits override models.yaml's `limits.key`; a user's (`cborg users update`, stored
+with the user) override `limits.user`. Checks are cached per key version: a change to a user's
+limits marks the user's keys changed (store.update_user), so new checks follow."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..catalog import LimitsConf, LimitSet, Route
-from ..store.base import KeyRecord
+from ..store.base import KeyRecord, UserRecord
 from ..durations import parse_duration
 
 
@@ -33,8 +37,9 @@ def _pick(own, default):
 class Policy:
     """Turns (key, route) into Checks; cached per key version and route."""
 
-    def __init__(self, conf: LimitsConf):
+    def __init__(self, conf: LimitsConf, users: dict[str, UserRecord] | None = None):
         self.conf = conf
+        self.users = users if users is not None else {}    # user id -> record with limits set (the key cache's)
         self._cache: dict[tuple, tuple[Check, ...]] = {}
         self._groups: dict[str, list[tuple[str, LimitSet]]] = {}
         self._periods: dict[tuple, tuple] = {}
@@ -58,15 +63,14 @@ class Policy:
             return got
         c = self.conf
         commercial = route.commercial
-        kd, ud = c.key, c.user
+        kd = c.key
         key_budget = _pick(key.max_budget, kd.budget)
         out = [
             Check(f"k:{key.id}", f"key {key.alias or key.id}", "key",
                   _pick(key.max_parallel, kd.parallel), _pick(key.rpm, kd.rpm), _pick(key.tpm, kd.tpm),
                   key_budget if commercial else None,
                   parse_duration(_pick(key.budget_period, kd.budget_period))),
-            Check(f"u:{key.user_id}", f"user {key.user_id}", "user", ud.parallel, ud.rpm, ud.tpm,
-                  ud.budget if commercial else None, ud.period_s),
+            self.user_check(key.user_id, commercial),
         ]
         for pattern, ls in self._model_groups(route):
             out.append(Check(f"m:{key.user_id}|{pattern}", f"user {key.user_id} on {pattern}", "model",
@@ -77,6 +81,18 @@ class Policy:
         self._cache[ck] = checks
         return checks
 
+    def user_check(self, user_id: str, commercial: bool = True) -> Check:
+        """The user scope's limits: the user's own where set, else models.yaml's limits.user."""
+        ud = self.conf.user
+        u = self.users.get(user_id)
+        if u is None:
+            return Check(f"u:{user_id}", f"user {user_id}", "user", ud.parallel, ud.rpm, ud.tpm,
+                         ud.budget if commercial else None, ud.period_s)
+        return Check(f"u:{user_id}", f"user {user_id}", "user", _pick(u.max_parallel, ud.parallel),
+                     _pick(u.rpm, ud.rpm), _pick(u.tpm, ud.tpm),
+                     _pick(u.max_budget, ud.budget) if commercial else None,
+                     parse_duration(_pick(u.budget_period, ud.budget_period)))
+
     def periods(self, key: KeyRecord) -> tuple[float | None, float | None]:
         """Budget periods (s) of a key and of its user, for the ledger's spend roll-over."""
         ck = (key.id, key.updated_at)
@@ -85,12 +101,12 @@ class Policy:
             if len(self._periods) > 50_000:
                 self._periods.clear()
             got = self._periods[ck] = (parse_duration(_pick(key.budget_period, self.conf.key.budget_period)),
-                                       self.conf.user.period_s)
+                                       self.user_check(key.user_id).period_s)
         return got
 
     def budget_scopes(self, key: KeyRecord) -> list[Check]:
         """The budget-carrying scopes of a key, whatever the route (for spend accounting)."""
-        kd, ud = self.conf.key, self.conf.user
+        kd = self.conf.key
         return [Check(f"k:{key.id}", "", "key", budget=_pick(key.max_budget, kd.budget),
                       period_s=parse_duration(_pick(key.budget_period, kd.budget_period))),
-                Check(f"u:{key.user_id}", "", "user", budget=ud.budget, period_s=ud.period_s)]
+                self.user_check(key.user_id)]

@@ -50,16 +50,23 @@ class KeyRecord:
 
 @dataclass(slots=True)
 class UserRecord:
+    """A user (an e-mail: keys name their owner). The limits set here override models.yaml's
+    `limits.user` for this user alone; None = the default. `updated_at` is 0 until an admin sets one."""
     user_id: str
     max_budget: float | None = None
     budget_period: str | None = None
     spend: float = 0.0
     budget_reset_at: float | None = None
     created_at: float = field(default_factory=time.time)
+    max_parallel: int | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    updated_at: float = 0.0
 
 
 KEY_FIELDS = tuple(f.name for f in fields(KeyRecord))
 USER_FIELDS = tuple(f.name for f in fields(UserRecord))
+USER_LIMIT_FIELDS = ("max_budget", "budget_period", "max_parallel", "rpm", "tpm")
 _JSON_FIELDS = {"models", "metadata"}
 _BOOL_FIELDS = {"blocked"}
 
@@ -98,7 +105,13 @@ class Store(Protocol):
     async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord | None: ...
     async def keys_changed_since(self, ts: float) -> list[KeyRecord]: ...
     async def get_user(self, user_id: str) -> UserRecord | None: ...
-    async def upsert_user(self, user: UserRecord) -> None: ...
+    async def update_user(self, user_id: str, changes: dict[str, Any]) -> UserRecord:
+        """Set a user's limits (creating the user if need be); the user's keys are marked changed in
+        the same transaction, so that every replica's key cache reloads them with the new limits."""
+        ...
+    async def users_changed_since(self, ts: float) -> list[UserRecord]:
+        """Users whose limits an admin set at or after `ts`."""
+        ...
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
         """(spend, budget_reset_at) as last written, by limiter scope name ("k:<key id>", "u:<user id>")."""
         ...

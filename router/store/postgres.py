@@ -14,7 +14,7 @@ import orjson
 
 from ..ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+from .base import KEY_FIELDS, USER_LIMIT_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
 
 MIGRATIONS: list[str] = [
     """
@@ -73,6 +73,14 @@ MIGRATIONS: list[str] = [
     CREATE INDEX ledger_ts ON ledger(ts);
     CREATE INDEX ledger_key ON ledger(key_id, ts);
     CREATE INDEX ledger_user ON ledger(user_id, ts);
+    """,
+    # Per-user limits (overrides of models.yaml's limits.user), and when an admin last set them.
+    """
+    ALTER TABLE users ADD COLUMN max_parallel BIGINT;
+    ALTER TABLE users ADD COLUMN rpm BIGINT;
+    ALTER TABLE users ADD COLUMN tpm BIGINT;
+    ALTER TABLE users ADD COLUMN updated_at DOUBLE PRECISION NOT NULL DEFAULT 0;
+    CREATE INDEX users_updated ON users(updated_at);
     """,
 ]
 
@@ -152,12 +160,26 @@ class PostgresStore:
         r = await self.pool.fetchrow("SELECT * FROM users WHERE user_id = $1", user_id)
         return user_from_row(dict(r)) if r else None
 
-    async def upsert_user(self, user: UserRecord) -> None:
-        await self.pool.execute(
-            "INSERT INTO users (user_id, max_budget, budget_period, spend, budget_reset_at, created_at) "
-            "VALUES ($1,$2,$3,$4,$5,$6) ON CONFLICT (user_id) DO UPDATE SET max_budget = EXCLUDED.max_budget, "
-            "budget_period = EXCLUDED.budget_period, budget_reset_at = EXCLUDED.budget_reset_at",
-            user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at, user.created_at)
+    async def update_user(self, user_id: str, changes: dict[str, Any]) -> UserRecord:
+        bad = set(changes) - set(USER_LIMIT_FIELDS)
+        if bad:
+            raise ValueError(f"cannot update user fields {sorted(bad)}")
+        now = time.time()
+        vals = {**changes, "updated_at": now}
+        cols = ",".join(vals)
+        marks = ",".join(f"${i + 3}" for i in range(len(vals)))
+        sets = ",".join(f"{k} = EXCLUDED.{k}" for k in vals)
+        async with self.pool.acquire() as c:
+            async with c.transaction():
+                r = await c.fetchrow(f"INSERT INTO users (user_id, created_at, {cols}) VALUES ($1, $2, {marks}) "
+                                     f"ON CONFLICT (user_id) DO UPDATE SET {sets} RETURNING *",
+                                     user_id, now, *vals.values())
+                await c.execute("UPDATE keys SET updated_at = $1 WHERE user_id = $2", now, user_id)
+        return user_from_row(dict(r))
+
+    async def users_changed_since(self, ts: float) -> list[UserRecord]:
+        rows = await self.pool.fetch("SELECT * FROM users WHERE updated_at >= $1 AND updated_at > 0", ts)
+        return [user_from_row(dict(r)) for r in rows]
 
     # -- ledger and spend
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:

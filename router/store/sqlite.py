@@ -13,7 +13,7 @@ import orjson
 
 from ..ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+from .base import KEY_FIELDS, USER_LIMIT_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
 
 # Each entry is one schema version; a database is brought forward from the version it records.
 MIGRATIONS: list[str] = [
@@ -80,6 +80,14 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX IF EXISTS ledger_ts;
     DROP INDEX IF EXISTS ledger_user;
+    """,
+    # Per-user limits (overrides of models.yaml's limits.user), and when an admin last set them.
+    """
+    ALTER TABLE users ADD COLUMN max_parallel INTEGER;
+    ALTER TABLE users ADD COLUMN rpm INTEGER;
+    ALTER TABLE users ADD COLUMN tpm INTEGER;
+    ALTER TABLE users ADD COLUMN updated_at REAL NOT NULL DEFAULT 0;
+    CREATE INDEX users_updated ON users(updated_at);
     """,
 ]
 
@@ -216,13 +224,33 @@ class SQLiteStore:
         row = await self._run(lambda db: db.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone())
         return user_from_row(dict(row)) if row else None
 
-    async def upsert_user(self, user: UserRecord) -> None:
-        await self._run(lambda db: db.execute(
-            "INSERT INTO users (user_id, max_budget, budget_period, spend, budget_reset_at, created_at) "
-            "VALUES (?,?,?,?,?,?) ON CONFLICT(user_id) DO UPDATE SET max_budget=excluded.max_budget, "
-            "budget_period=excluded.budget_period, budget_reset_at=excluded.budget_reset_at",
-            (user.user_id, user.max_budget, user.budget_period, user.spend, user.budget_reset_at,
-             user.created_at)))
+    async def update_user(self, user_id: str, changes: dict[str, Any]) -> UserRecord:
+        bad = set(changes) - set(USER_LIMIT_FIELDS)
+        if bad:
+            raise ValueError(f"cannot update user fields {sorted(bad)}")
+        now = time.time()
+        vals = {**changes, "updated_at": now}
+        sets = ",".join(f"{k} = excluded.{k}" for k in vals)
+
+        def tx(db: sqlite3.Connection):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(f"INSERT INTO users (user_id, created_at, {','.join(vals)}) "
+                           f"VALUES (?, ?, {','.join('?' * len(vals))}) ON CONFLICT(user_id) DO UPDATE SET {sets}",
+                           (user_id, now, *vals.values()))
+                db.execute("UPDATE keys SET updated_at = ? WHERE user_id = ?", (now, user_id))
+                row = db.execute("SELECT * FROM users WHERE user_id = ?", (user_id,)).fetchone()
+                db.execute("COMMIT")
+                return row
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return user_from_row(dict(await self._run(tx)))
+
+    async def users_changed_since(self, ts: float) -> list[UserRecord]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT * FROM users WHERE updated_at >= ? AND updated_at > 0", (ts,)).fetchall())
+        return [user_from_row(dict(r)) for r in rows]
 
     # -- ledger and spend
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
