@@ -196,6 +196,7 @@ async def _users(a) -> int:
     from router.config import Settings
     from router.key_admin import KeyInputError, user_changes
     from router.limits.policy import Policy
+    from router.store.base import USER_LIMIT_FIELDS
 
     store = _store()
     await store.init()
@@ -219,8 +220,7 @@ async def _users(a) -> int:
                           "budget_reset_at": _fmt_time(user.budget_reset_at) if user and user.budget_reset_at else None,
                           "applies": {"max_parallel": c.parallel, "rpm": c.rpm, "tpm": c.tpm, "max_budget": c.budget,
                                       "budget_period_s": c.period_s},
-                          "set_for_this_user": {f: getattr(user, f) for f in ("max_parallel", "rpm", "tpm", "max_budget",
-                                                                              "budget_period")
+                          "set_for_this_user": {f: getattr(user, f) for f in USER_LIMIT_FIELDS
                                                 if user is not None and getattr(user, f) is not None},
                           "keys": [k.id for k in keys]}, indent=2))
         if a.users_cmd == "update":

@@ -211,7 +211,7 @@ class Commands:
         self.finish_n = 3 + len(fkeys) + 7 + len(fargs)
         self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
         self.tpm_cap = fit_estimate(None, checks)
-        for c in checks:
+        for c in checks:               # the limiter reconciles the budgets it has met (reconcile_once)
             if c.budget is not None:
                 lim.budget_scopes[c.scope] = c.period_s
 
@@ -430,22 +430,22 @@ class RedisLimiter:
         now = self.clock()
         calls = []
         for scope, period in scopes.items():
-            got = db.get(scope)
-            if got is not None:
-                spend, reset_at = roll(got[0], got[1], period, now)
+            row = db.get(scope)
+            if row is not None:
+                spend, reset_at = roll(row[0], row[1], period, now)
                 calls.append(("EVALSHA", sha1(RECONCILE), 1, self._names(scope)[3], repr(spend),
                               repr(reset_at) if reset_at is not None else "", (period or 0) / 2))
         for attempt in (1, 2):
             await self.redis.connect()
-            got = await asyncio.wait_for(asyncio.gather(*[self.redis.send(*c) for c in calls],
-                                                        return_exceptions=True), max(1.0, self.lease_s / 3))
-            errors = [r for r in got if isinstance(r, Exception)]
+            replies = await asyncio.wait_for(asyncio.gather(*[self.redis.send(*c) for c in calls],
+                                                            return_exceptions=True), max(1.0, self.lease_s / 3))
+            errors = [r for r in replies if isinstance(r, Exception)]
             if attempt == 1 and any(str(e).startswith("NOSCRIPT") for e in errors):
                 await self._load_scripts()        # Redis restarted since: once more with the scripts
                 continue
             if errors:
                 raise errors[0]
-            return sum(1 for r in got if r == 1)
+            return sum(1 for r in replies if r == 1)
         return 0
 
     def spend_of(self, scope: str) -> float | None:
