@@ -88,6 +88,14 @@ def key_from_row(row: dict[str, Any]) -> KeyRecord:
     return KeyRecord(**{n: d[n] for n in KEY_FIELDS if n in d})
 
 
+def user_update_values(changes: dict[str, Any]) -> dict[str, Any]:
+    """The columns an update of a user's limits writes: the limits, and when (it marks the change)."""
+    bad = set(changes) - set(USER_LIMIT_FIELDS)
+    if bad:
+        raise ValueError(f"cannot update user fields {sorted(bad)}")
+    return {**changes, "updated_at": time.time()}
+
+
 def user_from_row(row: dict[str, Any]) -> UserRecord:
     return UserRecord(**{n: row[n] for n in USER_FIELDS if n in row})
 

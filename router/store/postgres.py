@@ -14,7 +14,8 @@ import orjson
 
 from ..ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import KEY_FIELDS, USER_LIMIT_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
+                   user_update_values)
 
 MIGRATIONS: list[str] = [
     """
@@ -161,11 +162,8 @@ class PostgresStore:
         return user_from_row(dict(r)) if r else None
 
     async def update_user(self, user_id: str, changes: dict[str, Any]) -> UserRecord:
-        bad = set(changes) - set(USER_LIMIT_FIELDS)
-        if bad:
-            raise ValueError(f"cannot update user fields {sorted(bad)}")
-        now = time.time()
-        vals = {**changes, "updated_at": now}
+        vals = user_update_values(changes)
+        now = vals["updated_at"]
         cols = ",".join(vals)
         marks = ",".join(f"${i + 3}" for i in range(len(vals)))
         sets = ",".join(f"{k} = EXCLUDED.{k}" for k in vals)

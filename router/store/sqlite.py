@@ -13,7 +13,8 @@ import orjson
 
 from ..ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import KEY_FIELDS, USER_LIMIT_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row
+from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
+                   user_update_values)
 
 # Each entry is one schema version; a database is brought forward from the version it records.
 MIGRATIONS: list[str] = [
@@ -225,11 +226,8 @@ class SQLiteStore:
         return user_from_row(dict(row)) if row else None
 
     async def update_user(self, user_id: str, changes: dict[str, Any]) -> UserRecord:
-        bad = set(changes) - set(USER_LIMIT_FIELDS)
-        if bad:
-            raise ValueError(f"cannot update user fields {sorted(bad)}")
-        now = time.time()
-        vals = {**changes, "updated_at": now}
+        vals = user_update_values(changes)
+        now = vals["updated_at"]
         sets = ",".join(f"{k} = excluded.{k}" for k in vals)
 
         def tx(db: sqlite3.Connection):
