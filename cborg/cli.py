@@ -213,9 +213,7 @@ async def _users(a) -> int:
         keys = await store.list_keys(a.user)
         if user is None and not keys:
             _die(f"no such user: {a.user}", 1)
-        pol = Policy(load_catalog(Settings.from_env().config_path).conf.limits,
-                     {a.user: user} if user is not None and user.updated_at else {})
-        c = pol.user_check(a.user)
+        c = Policy(load_catalog(Settings.from_env().config_path).conf.limits).user_check(a.user, user=user)
         print(json.dumps({"user_id": a.user, "spend": user.spend if user else 0.0,
                           "budget_reset_at": _fmt_time(user.budget_reset_at) if user and user.budget_reset_at else None,
                           "applies": {"max_parallel": c.parallel, "rpm": c.rpm, "tpm": c.tpm, "max_budget": c.budget,

@@ -343,5 +343,7 @@ def test_user_limits_reach_every_replica(tmp_path, fresh_mock, pg_url, redis_url
         cli = subprocess.run([sys.executable, "-m", "cborg.cli", "users", "update", "two@lbl.gov", "--parallel", "3"],
                              env={**os.environ, "CBORG_DATABASE_URL": pg_url}, capture_output=True, text=True, timeout=60)
         assert cli.returncode == 0 and '"max_parallel": 3' in cli.stdout, cli.stderr
+        ui = httpx.get(urls[1] + "/user/info?user_id=two@lbl.gov", headers={"Authorization": f"Bearer {MASTER_KEY}"})
+        assert ui.json()["user_info"]["max_parallel_requests"] == 3     # what applies once the poll has it
         time.sleep(3.0)
         assert sorted(x.status_code for x in asyncio.run(burst(urls, key, 4))) == [200, 200, 200, 429]

@@ -95,7 +95,7 @@ async def user_info_of(gw: "Gateway", uid: str) -> dict | None:
     keys = await gw.store.list_keys(uid)
     if user is None and not keys:
         return None
-    c = gw.policy.user_check(uid)
+    c = gw.policy.user_check(uid, user=user)      # (the database's: the key cache's within its poll)
     live = gw.limiter.spend_of(f"u:{uid}")
     spend, reset_at = roll(user.spend if user else 0.0, user.budget_reset_at if user else None, c.period_s,
                            time.time())

@@ -81,10 +81,11 @@ class Policy:
         self._cache[ck] = checks
         return checks
 
-    def user_check(self, user_id: str, commercial: bool = True) -> Check:
-        """The user scope's limits: the user's own where set, else models.yaml's limits.user."""
+    def user_check(self, user_id: str, commercial: bool = True, user: UserRecord | None = None) -> Check:
+        """The user scope's limits: the user's own where set, else models.yaml's limits.user.
+        `user`: the user's record where the caller has one fresher than the key cache's."""
         ud = self.conf.user
-        u = self.users.get(user_id)
+        u = user if user is not None else self.users.get(user_id)
         if u is None:
             return Check(f"u:{user_id}", f"user {user_id}", "user", ud.parallel, ud.rpm, ud.tpm,
                          ud.budget if commercial else None, ud.period_s)
