@@ -211,9 +211,6 @@ class Commands:
         self.finish_n = 3 + len(fkeys) + 7 + len(fargs)
         self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
         self.tpm_cap = fit_estimate(None, checks)
-        for c in checks:               # the limiter reconciles the budgets it has met (reconcile_once)
-            if c.budget is not None:
-                lim.budget_scopes[c.scope] = c.period_s
 
     def admit(self, *head) -> bytes:
         return b"*%d\r\n" % self.admit_n + self.admit_head + pack_args(*head) + self.admit_tail
@@ -317,6 +314,9 @@ class RedisLimiter:
             if len(self._cmds) > 50_000:
                 self._cmds.clear()
             got = self._cmds[id(checks)] = (checks, Commands(self, checks))
+            for c in checks:               # the budgets this replica has met: reconcile_once's
+                if c.budget is not None:
+                    self.budget_scopes[c.scope] = c.period_s
         cmds = got[1]
         now = self.clock()
         sec = int(now)
