@@ -32,7 +32,7 @@ def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") 
         # per worker and a budget could be spent once per worker.
         _die(f"--workers {workers} needs CBORG_REDIS_URL: limits and budgets are shared between worker "
              "processes only through Redis. Set CBORG_REDIS_URL, or run one worker.")
-    from cborg.logs import setup_logging
+    from common.logs import setup_logging
     setup_logging(log_level)
     kw = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
               log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096,

@@ -55,7 +55,7 @@ async def _announce(gw, url: str, node_proc: subprocess.Popen) -> None:
 def serve(host: str, port: int, profile: str | None, node_port: int | None, log_level: str) -> None:
     import uvicorn
 
-    from cborg.logs import setup_logging
+    from common.logs import setup_logging
     from inference.config import ConfigError as InferenceConfigError
     from inference.config import load_inference
     from router.app import create_app

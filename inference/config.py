@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cborg.validation import format_validation, read_yaml_mapping
+from common.validation import format_validation, read_yaml_mapping
 
 Engine = Literal["vllm", "transformers", "embeddings"]
 TEMPLATES = Path(__file__).resolve().parent / "templates"

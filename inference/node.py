@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 from urllib.parse import urlsplit
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from . import gpus as gpu_mod
 from .config import DeploymentConf, InferenceConf, NodeConf
@@ -215,7 +215,7 @@ def run_node(conf: InferenceConf, name: str | None, host: str | None = None, por
              log_level: str = "info") -> None:
     import uvicorn
 
-    from cborg.logs import setup_logging
+    from common.logs import setup_logging
 
     nc = conf.node(name)
     token = os.environ.get(nc.token_env)

@@ -8,7 +8,7 @@ import time
 from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from cborg.asgi import App, HTTPError
+from common.asgi import App, HTTPError
 
 from .auth import KeyCache
 from .catalog import Catalog, Route, load_catalog

@@ -14,8 +14,8 @@ import logging
 import secrets
 import time
 
-from cborg.asgi import HTTPError
-from cborg.tasks import stop_task
+from common.asgi import HTTPError
+from common.tasks import stop_task
 
 from .store.base import KeyRecord, Store, UserRecord
 

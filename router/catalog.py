@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cborg.validation import format_validation, read_yaml_mapping
+from common.validation import format_validation, read_yaml_mapping
 
 from .durations import parse_duration
 

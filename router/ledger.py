@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from cborg.tasks import stop_task
+from common.tasks import stop_task
 
 log = logging.getLogger("cborg.ledger")
 

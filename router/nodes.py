@@ -21,8 +21,8 @@ from typing import Any, Callable
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from cborg.asgi import HTTPError
-from cborg.validation import format_validation
+from common.asgi import HTTPError
+from common.validation import format_validation
 
 from .catalog import Catalog, ConfigError, Route
 from .providers.base import Endpoint

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import orjson
 
-from cborg.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
+from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
 from .accounting import cost_of, estimate_tokens, format_cost
 from .auth import bearer_token

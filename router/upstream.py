@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from cborg import timers
+from common import timers
 
 _HIGH_WATER = 1 << 20  # pause reading a streamed body past 1 MiB not yet consumed
 

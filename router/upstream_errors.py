@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import orjson
 
-from cborg.asgi import HTTPError
+from common.asgi import HTTPError
 
 from .catalog import Route
 from .providers.base import Endpoint, scrub

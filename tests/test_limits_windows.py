@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cborg.asgi import HTTPError
+from common.asgi import HTTPError
 from router.catalog import LimitsConf, LimitSet, load_catalog
 from router.limits.memory import MemoryLimiter
 from router.limits.policy import Policy

@@ -144,7 +144,7 @@ async def test_header_injection_refused():
 
 
 async def test_coarse_timers_fire_once_and_cancel():
-    from cborg import timers
+    from common import timers
     fired = []
     t0 = asyncio.get_running_loop().time()
     timers.call_later(0.05, lambda: fired.append(asyncio.get_running_loop().time() - t0))

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import orjson
 
-from cborg.asgi import HTTPError, Request, Response
+from common.asgi import HTTPError, Request, Response
 
 from .batcher import DynamicBatcher, QueueFull
 from .server import KeyCheck, Spec, base_app, now, serve

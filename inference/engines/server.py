@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from ..config import DeploymentConf
 
@@ -99,7 +99,7 @@ def base_app(check: KeyCheck, stats: Callable[[], dict]) -> App:
 def serve(app: App, spec: Spec) -> None:
     import uvicorn
 
-    from cborg.logs import setup_logging
+    from common.logs import setup_logging
 
     setup_logging(os.environ.get("CBORG_LOG_LEVEL", "info"))
     log.info("listening", extra={"deployment": spec.deployment.name, "port": spec.port})

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable
 
 import orjson
 
-from cborg.asgi import CancelOnDisconnect, HTTPError, Request, StreamResponse, json_response
+from common.asgi import CancelOnDisconnect, HTTPError, Request, StreamResponse, json_response
 
 from .causal_lm import CausalLM, Sampling
 from .server import KeyCheck, Spec, base_app, field, new_id, now, serve

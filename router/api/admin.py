@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from ..key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key, user_changes
 from .info import is_master, key_info, user_info_of

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cborg.asgi import App, Request, Response, json_response
+from common.asgi import App, Request, Response, json_response
 
 if TYPE_CHECKING:
     from ..app import Gateway

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from ..auth import bearer_token, hash_key
 from ..catalog import Route

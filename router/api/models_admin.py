@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from ..nodes import NodeState, error_message
 from ..upstream import UpstreamError

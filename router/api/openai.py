@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from cborg.asgi import App, HTTPError, Request, json_response
+from common.asgi import App, HTTPError, Request, json_response
 
 from ..auth import bearer_token
 from ..pipeline import allowed

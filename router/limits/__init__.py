@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 
-from cborg.asgi import HTTPError
+from common.asgi import HTTPError
 
 from .policy import Check
 

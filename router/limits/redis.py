@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Callable
 
-from cborg.tasks import stop_task
+from common.tasks import stop_task
 
 from . import OPEN, fit_estimate, limit_header, ratelimit_headers, reject, tokens_used
 from .budget import roll

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 
-from cborg import timers
+from common import timers
 
 
 class RedisError(Exception):

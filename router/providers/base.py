@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from cborg.asgi import HTTPError
+from common.asgi import HTTPError
 
 from ..catalog import ProviderConf, Route
 from ..upstream import Target

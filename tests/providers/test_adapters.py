@@ -7,7 +7,7 @@ import random
 import orjson
 import pytest
 
-from cborg.asgi import HTTPError
+from common.asgi import HTTPError
 from router.catalog import load_catalog
 from router.providers import anthropic, bedrock, gemini, openai_compat
 from router.providers.base import normalize_usage
