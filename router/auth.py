@@ -1,4 +1,5 @@
-"""API keys: generation, hashing, and verification from an in-memory cache.
+"""Every authorization decision: API keys (generation, hashing, verification from an in-memory
+cache), the master key, and which models a key may use.
 
 No request reads the database for a key the gateway already knows: every key is loaded at
 start-up, and a poller fetches rows changed since its last look every `refresh_s` seconds, so a
@@ -10,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import secrets
 import time
+from typing import TYPE_CHECKING
 
 from common.asgi import HTTPError
 from common.tasks import stop_task
 
 from .store.base import KeyRecord, Store, UserRecord
+
+if TYPE_CHECKING:
+    from .catalog import Route
 
 log = logging.getLogger("cborg.auth")
 
@@ -50,6 +56,34 @@ def bearer_token(headers: dict[bytes, bytes]) -> str | None:
         return v.strip().decode("latin-1") or None
     v = headers.get(b"x-api-key") or headers.get(b"api-key")
     return v.strip().decode("latin-1") if v else None
+
+
+def allowed(key: KeyRecord, route: "Route") -> bool:
+    """A key limited to a model list may use those names, aliases of them, and `prefix/*`."""
+    models = key.models
+    if not models:
+        return True
+    for n in (route.name, route.model.name):
+        if n in models:
+            return True
+        slash = n.find("/")
+        if slash > 0 and n[: slash + 1] + "*" in models:
+            return True
+    return "*" in models or "all-proxy-models" in models
+
+
+def is_master(master_key: str | None, headers: dict[bytes, bytes]) -> bool:
+    """The request carries this gateway's master key (compared in constant time)."""
+    tok = bearer_token(headers)
+    return bool(master_key and tok and hmac.compare_digest(master_key.encode(), tok.encode()))
+
+
+def require_master(master_key: str | None, headers: dict[bytes, bytes]) -> None:
+    """403 when the admin API is off (no master key configured), 401 without the master key."""
+    if not master_key:
+        raise HTTPError(403, "The admin API is off: this gateway has no CBORG_MASTER_KEY.", code="admin_api_off")
+    if not is_master(master_key, headers):
+        raise HTTPError(401, "This endpoint needs the master key.", code="invalid_api_key")
 
 
 class KeyCache:
@@ -123,3 +157,9 @@ class KeyCache:
             if problem:
                 raise HTTPError(401, problem, code="invalid_api_key")
         return rec
+
+    async def caller(self, master_key: str | None, headers: dict[bytes, bytes]) -> KeyRecord | None:
+        """The calling key, or None for the master key."""
+        if is_master(master_key, headers):
+            return None
+        return await self.verify(bearer_token(headers))

@@ -17,8 +17,8 @@ import orjson
 
 from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
-from .accounting import cost_of, estimate_tokens, format_cost
-from .auth import bearer_token
+from .accounting.cost import cost_of, estimate_tokens, format_cost
+from .auth import allowed, bearer_token
 from .catalog import Route
 from .providers import adapter
 from .providers.base import Endpoint, StreamError, normalize_usage, scrub
@@ -51,20 +51,6 @@ _ids = itertools.count(1)
 def _request_id() -> str:
     """Unique per process start (random prefix) and cheap (a counter): no syscall per request."""
     return f"{_ID_PREFIX}{next(_ids):x}"
-
-
-def allowed(key: "KeyRecord", route: Route) -> bool:
-    """A key limited to a model list may use those names, aliases of them, and `prefix/*`."""
-    models = key.models
-    if not models:
-        return True
-    for n in (route.name, route.model.name):
-        if n in models:
-            return True
-        slash = n.find("/")
-        if slash > 0 and n[: slash + 1] + "*" in models:
-            return True
-    return "*" in models or "all-proxy-models" in models
 
 
 def apply_alias(route: Route, op: str, body: dict) -> None:
@@ -137,7 +123,7 @@ class Call:
                           "total_tokens": self.prompt_estimate + self.chunks,
                           "prompt_tokens_details": {"cached_tokens": 0}, "estimated": True})
         try:
-            self.gw.finish_call(self)
+            self.gw.accountant.finish(self)
         except Exception:  # noqa: BLE001 - accounting must never break a response
             log.exception("accounting failed for %s", self.id)
 
@@ -166,7 +152,7 @@ class Pipeline:
             adm = gw.limiter.admit_now(call)
             call.admission = adm if adm is not None else await gw.limiter.admit(call)
         except HTTPError as e:
-            gw.refused(call, e)
+            gw.accountant.refused(call, e)
             raise
         gw.metrics.in_flight += 1
         try:

@@ -197,7 +197,7 @@ def test_postgres_migrations_idempotent_and_concurrent(pg_url):
 
 async def test_stop_during_a_slow_flush_loses_no_row():
     """Stopping while the writer is inside a flush (a slow database) waits for it, then flushes the rest."""
-    from router.ledger import Ledger
+    from router.accounting.ledger import Ledger
 
     class SlowStore:
         def __init__(self):
@@ -225,7 +225,7 @@ async def test_stop_during_a_slow_flush_loses_no_row():
 def test_store_spends_after_ledger_writes(tmp_path, backend, request):
     """What the Redis limiter reconciles against: each key's and user's spend as the ledger wrote it."""
     from router.key_admin import create_key
-    from router.ledger import SpendDelta
+    from router.accounting.ledger import SpendDelta
     db = request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path / 's.db'}"
     now = time.time()
 

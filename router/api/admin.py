@@ -6,17 +6,15 @@ from typing import TYPE_CHECKING, Any
 from common.asgi import App, HTTPError, Request, json_response
 
 from ..key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key, user_changes
-from .info import is_master, key_info, user_info_of
+from .. import auth
+from .info import key_info, user_info_of
 
 if TYPE_CHECKING:
     from ..app import Gateway
 
 
 def require_master(gw: "Gateway", req: Request) -> None:
-    if not gw.settings.master_key:
-        raise HTTPError(403, "The admin API is off: this gateway has no CBORG_MASTER_KEY.", code="admin_api_off")
-    if not is_master(gw, req):
-        raise HTTPError(401, "This endpoint needs the master key.", code="invalid_api_key")
+    auth.require_master(gw.settings.master_key, req.headers)
 
 
 async def _body(req: Request, gw: "Gateway") -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """What a caller may learn about models and about their own key (LiteLLM/CBorg shapes)."""
 from __future__ import annotations
 
-import hmac
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
@@ -10,14 +9,13 @@ import orjson
 
 from common.asgi import App, HTTPError, Request, json_response
 
-from ..auth import bearer_token, hash_key
+from ..auth import allowed, hash_key
 from ..catalog import Route
-from ..accounting import cost_of, estimate_tokens
+from ..accounting.cost import cost_of, estimate_tokens
 from ..key_admin import find_key
 from ..limits.budget import roll
 from ..limits.policy import Policy
 from ..providers.base import normalize_usage
-from ..pipeline import allowed
 from ..store.base import USER_LIMIT_FIELDS, KeyRecord
 
 if TYPE_CHECKING:
@@ -110,17 +108,9 @@ async def user_info_of(gw: "Gateway", uid: str) -> dict | None:
         "keys": [key_info(k, gw.policy) for k in keys]}
 
 
-def is_master(gw: "Gateway", req: Request) -> bool:
-    mk = gw.settings.master_key
-    tok = bearer_token(req.headers)
-    return bool(mk and tok and hmac.compare_digest(mk.encode(), tok.encode()))
-
-
 async def caller_key(gw: "Gateway", req: Request) -> KeyRecord | None:
     """The calling key, or None for the master key."""
-    if is_master(gw, req):
-        return None
-    return await gw.keys.verify(bearer_token(req.headers))
+    return await gw.keys.caller(gw.settings.master_key, req.headers)
 
 
 def register(app: App, gw: "Gateway") -> None:

@@ -5,8 +5,7 @@ from typing import TYPE_CHECKING
 
 from common.asgi import App, HTTPError, Request, json_response
 
-from ..auth import bearer_token
-from ..pipeline import allowed
+from ..auth import allowed, bearer_token
 
 if TYPE_CHECKING:
     from ..app import Gateway

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ..ledger import LEDGER_COLUMNS
+from ..accounting.ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
 from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
                    user_update_values)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import orjson
 
-from ..ledger import LEDGER_COLUMNS
+from ..accounting.ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
 from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
                    user_update_values)

@@ -11,7 +11,7 @@ from common.asgi import HTTPError
 from router.catalog import load_catalog
 from router.providers import anthropic, bedrock, gemini, openai_compat
 from router.providers.base import normalize_usage
-from router.accounting import cost_of
+from router.accounting.cost import cost_of
 from tests.helpers.servers import ROOT
 from tests.mocks import eventstream
 

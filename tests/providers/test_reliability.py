@@ -123,12 +123,12 @@ def test_garbage_inside_a_stream_is_reported_in_stream(client, fresh):
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_client_disconnect_cancels_upstream_and_accounts_partial_usage(cgw, ckey, fresh, monkeypatch, protocol):
     finished = []
-    orig = cgw.gw.finish_call
+    orig = cgw.gw.accountant.finish
 
-    def spy(call):   # works whether finish_call is a function or a coroutine function
+    def spy(call):   # works whether finish is a function or a coroutine function
         finished.append(call)
         return orig(call)
-    monkeypatch.setattr(cgw.gw, "finish_call", spy)
+    monkeypatch.setattr(cgw.gw.accountant, "finish", spy)
     mock = mock_for(fresh, protocol)
     mock.chunk_delay = 0.3
     words = " ".join(f"w{i}" for i in range(40))      # about 12 s of stream if read to the end

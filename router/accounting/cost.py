@@ -1,7 +1,7 @@
 """Cost of a request from the catalog's prices and the upstream's usage."""
 from __future__ import annotations
 
-from .catalog import Price
+from ..catalog import Price
 
 
 def cost_of(price: Price, usage: dict) -> float:
