@@ -115,40 +115,32 @@ def _key_fields(a) -> dict:
             out[attr] = v
     if getattr(a, "expires", None) is not None:
         out["expires"] = a.expires
-    if "models" in out:
-        out["models"] = _key_models(out["models"])
     return out
 
 
-def _key_models(csv: str) -> list[str]:
-    """The --models list checked against the catalog (CBORG_CONFIG), in canonical spellings."""
+def _catalog():
+    """The catalog (CBORG_CONFIG), to check a key's model names; None (with a warning) if unreadable."""
     from router.catalog import ConfigError, load_catalog
     from router.config import Settings
 
-    names = [x.strip() for x in csv.split(",") if x.strip()]
     path = Settings.from_env().config_path
     try:
-        cat = load_catalog(path)
+        return load_catalog(path)
     except (ConfigError, OSError):
         print(f"cborg: warning: cannot read the catalog {path}; model names not checked", file=sys.stderr)
-        return names
-    try:
-        return cat.key_models(names)
-    except ValueError as e:
-        _die(f"--models: {e}")
+        return None
 
 
 async def _keys(a) -> int:
-    from router.key_admin import KeyInputError, create_key, find_key, key_changes, revoke_key
+    from router.control.schemas import KeyFields
+    from router.key_admin import KeyInputError, canonical_models, create_key, find_key, revoke_key, validate
 
     store = _store()
     await store.init()
     try:
         if a.keys_cmd == "create":
-            fields = _key_fields(a)
-            expires = fields.pop("expires", "365d")
             try:
-                secret, rec = await create_key(store, a.user, expires=expires, fields=fields)
+                secret, rec = await create_key(store, a.user, fields=_key_fields(a), catalog=_catalog())
             except KeyInputError as e:
                 _die(str(e))
             print(secret)
@@ -176,7 +168,10 @@ async def _keys(a) -> int:
             print(f"{a.keys_cmd}ed {rec.id}")
         elif a.keys_cmd == "update":
             try:
-                changes = key_changes(_key_fields(a))
+                changes = validate(KeyFields, _key_fields(a)).changes()
+                cat = _catalog()
+                if cat is not None:
+                    canonical_models(cat, changes)
             except KeyInputError as e:
                 _die(str(e))
             rec = await store.update_key(rec.id, changes)
@@ -194,7 +189,8 @@ def cmd_keys(a) -> None:
 async def _users(a) -> int:
     from router.catalog import load_catalog
     from router.config import Settings
-    from router.key_admin import KeyInputError, user_changes
+    from router.control.schemas import UserUpdate
+    from router.key_admin import KeyInputError, validate
     from router.limits.policy import Policy
     from router.store.base import USER_LIMIT_FIELDS
 
@@ -203,7 +199,7 @@ async def _users(a) -> int:
     try:
         if a.users_cmd == "update":
             try:
-                changes = user_changes(_limit_fields(a))
+                changes = validate(UserUpdate, {"user_id": a.user, **_limit_fields(a)}).changes()
             except KeyInputError as e:
                 _die(str(e))
             if not changes:

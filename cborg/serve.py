@@ -86,19 +86,19 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
         app = create_app(settings)
         gw = app.state
         url = f"http://{host}:{port}"
-        started, stopped = app.on_startup, app.on_shutdown
+        announce: list[asyncio.Task] = []
 
-        async def on_startup() -> None:
-            await started()
-            gw._announce = asyncio.get_running_loop().create_task(_announce(gw, url, node))
+        async def after_start() -> None:
+            announce.append(asyncio.get_running_loop().create_task(_announce(gw, url, node)))
 
-        async def on_shutdown() -> None:
+        async def before_stop() -> None:
             # Here, not after uvicorn.run: uvicorn re-raises SIGTERM/SIGINT once it has shut down.
-            gw._announce.cancel()
+            for t in announce:
+                t.cancel()
             await asyncio.get_running_loop().run_in_executor(None, _stop_node, node)
-            await stopped()
 
-        app.on_startup, app.on_shutdown = on_startup, on_shutdown
+        gw.after_start.append(after_start)
+        gw.before_stop.append(before_stop)
         setup_logging(log_level)
         uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
                     log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096)

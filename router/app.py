@@ -5,7 +5,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from common.asgi import App, HTTPError
@@ -81,10 +81,14 @@ class Gateway:
         for ep in (*self.endpoints.values(), *self.model_endpoints.values()):
             ep.extra["via"] = self.via
         # Local models without a base_url are served by inference nodes (router/nodes.py).
+        # Process wiring (cborg serve) runs its own steps after start and before stop.
+        self.after_start: list[Callable[[], Awaitable[None]]] = []
+        self.before_stop: list[Callable[[], Awaitable[None]]] = []
         self.nodes = NodeRegistry(self.catalog, self.pool, settings.profile, settings.nodes, settings.env,
                                   settings.node_poll_s)
 
     async def start(self) -> None:
+        """Called by the control plane's lifespan (router/control/app.py)."""
         self.loop = asyncio.get_running_loop()
         await self.store.init()
         await self.keys.start()
@@ -93,8 +97,12 @@ class Gateway:
         if any(self.catalog.providers[m.provider].local and m.name not in self.model_endpoints
                for m in self.catalog.models.values()):
             await self.nodes.start()   # some local model has no base_url: nodes serve it
+        for hook in self.after_start:
+            await hook()
 
     async def stop(self) -> None:
+        for hook in self.before_stop:
+            await hook()
         await self.nodes.stop()
         await self.ledger.stop()      # flush every queued row before the store closes
         await self.limiter.stop()
@@ -121,15 +129,14 @@ class Gateway:
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
-    from .api import admin, health, info, models_admin, openai
+    """The gateway's ASGI app: the inference hot path on the lean dispatcher (common/asgi.py), with
+    everything else (control plane, docs, lifespan) falling back to FastAPI (router/control)."""
+    from .api import openai
+    from .control import app as control
 
     settings = settings or Settings.from_env()
     gw = Gateway(settings, catalog)
-    app = App(on_startup=gw.start, on_shutdown=gw.stop)
+    app = App(fallback=control.wrap(control.build(gw)))
     app.state = gw  # type: ignore[attr-defined]
     openai.register(app, gw)
-    info.register(app, gw)
-    admin.register(app, gw)
-    models_admin.register(app, gw)
-    health.register(app, gw)
     return app

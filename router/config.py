@@ -29,6 +29,7 @@ class Settings:
     profile: str | None = None          # models.yaml profile whose inference nodes serve lbl/* (default_profile)
     nodes: list[dict] | None = None     # overrides the profile's node list (cborg serve, tests)
     node_poll_s: float = 2.0            # how often each node's status is read
+    metrics_token: str | None = None    # when set, GET /metrics wants it as a bearer token
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -47,6 +48,7 @@ class Settings:
             redis_prefix=env.get("CBORG_REDIS_PREFIX") or "cborg:",
             profile=env.get("CBORG_PROFILE") or None,
             node_poll_s=float(env.get("CBORG_NODE_POLL_S") or 2.0),
+            metrics_token=env.get("CBORG_METRICS_TOKEN") or None,
         )
         for k, v in overrides.items():
             setattr(s, k, v)

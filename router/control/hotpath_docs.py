@@ -1,0 +1,154 @@
+"""The inference endpoints in the OpenAPI document.
+
+They are served by the lean hot path (router/app.py dispatches them before FastAPI), so the
+routes below only document them: their request and response shapes are written once here as
+pydantic models used for the docs, never for per-request validation (the hot path forwards
+what the caller sent and the upstream answered). Both `/v1/X` and `/X` are served; `/v1/X`
+is documented.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Security
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.asgi import HTTPError
+
+from .deps import bearer
+from .views import ErrorResponse
+
+
+class _Open(BaseModel):
+    """Shapes that accept the API's other fields too (the hot path forwards them)."""
+    model_config = ConfigDict(extra="allow")
+
+
+class Message(_Open):
+    role: str = Field(description="system, developer, user, assistant or tool")
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Open):
+    model: str = Field(description="a model name from GET /v1/models, e.g. lbl/cborg-chat:latest")
+    messages: list[Message] = Field(min_length=1)
+    stream: bool | None = None
+    temperature: float | None = None
+    max_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class Usage(_Open):
+    prompt_tokens: int
+    completion_tokens: int | None = None
+    total_tokens: int
+    prompt_tokens_details: dict[str, Any] | None = None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: str
+    created: int
+    model: str = Field(description="the underlying model that answered")
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class CompletionRequest(_Open):
+    model: str
+    prompt: str | list[Any]
+    stream: bool | None = None
+    max_tokens: int | None = None
+
+
+class Completion(_Open):
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: Usage | None = None
+
+
+class EmbeddingRequest(_Open):
+    model: str = Field(description="an embedding model, e.g. lbl/nomic-embed-text")
+    input: str | list[Any]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = None
+
+
+class Embedding(_Open):
+    object: str
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingList(_Open):
+    object: str
+    data: list[Embedding]
+    model: str
+    usage: Usage | None = None
+
+
+class Model(_Open):
+    id: str
+    object: str
+    created: int
+    owned_by: str
+
+
+class ModelList(_Open):
+    object: str
+    data: list[Model]
+
+
+_ERR = {"model": ErrorResponse}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {**_ERR, "description": "Bad request (the message and `param` name the problem)"},
+    401: {**_ERR, "description": "Missing or invalid API key"},
+    403: {**_ERR, "description": "The key may not use this model"},
+    404: {**_ERR, "description": "No such model"},
+    413: {**_ERR, "description": "Request body too large"},
+    429: {**_ERR, "description": "A rate limit or budget refused it (see retry-after)"},
+    500: {**_ERR, "description": "An upstream's own server error, passed on"},
+    502: {**_ERR, "description": "The upstream failed or answered something unreadable"},
+    503: {**_ERR, "description": "The model is loading, swapping or not configured here"},
+    504: {**_ERR, "description": "The upstream timed out"},
+    508: {**_ERR, "description": "A provider base URL points back at this gateway"},
+}
+_STREAM = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with `stream: true`: server-sent events, ending in [DONE]"}}
+
+router = APIRouter(tags=["inference (OpenAI API)"], responses=ERRORS, dependencies=[Security(bearer)])
+
+
+def _hot_path_only() -> None:
+    raise HTTPError(500, "Served by the gateway's hot path, not here.", code="internal_error")
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses={200: {"content": _STREAM}},
+             summary="Chat completion (also /chat/completions); streams with stream: true")
+async def chat(body: ChatRequest) -> None:
+    _hot_path_only()
+
+
+@router.post("/v1/completions", response_model=Completion, responses={200: {"content": _STREAM}},
+             summary="Text completion (also /completions)")
+async def completions(body: CompletionRequest) -> None:
+    _hot_path_only()
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingList, summary="Embeddings (also /embeddings)")
+async def embeddings(body: EmbeddingRequest) -> None:
+    _hot_path_only()
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The models this key may use (also /models)")
+async def models() -> None:
+    _hot_path_only()
+
+
+@router.get("/v1/models/{model}", response_model=Model, summary="One model (also /models/{model})")
+async def model(model: str) -> None:
+    _hot_path_only()
