@@ -12,16 +12,23 @@ the status gives them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlsplit
 
-from common.asgi import App, HTTPError, Request, json_response
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+
+from common import control_errors
+from common.asgi import HTTPError
+from common.body_limit import BodyLimit
 
 from . import gpus as gpu_mod
 from .config import DeploymentConf, InferenceConf, NodeConf
@@ -168,47 +175,63 @@ class Node:
         await asyncio.gather(*(p.stop(drain=False) for p in self.procs.values()), return_exceptions=True)
 
 
-def build_app(node: Node, token: str) -> App:
-    want = b"Bearer " + token.encode()
+class DeploymentTarget(BaseModel):
+    """What a load or unload names: a deployment, or every deployment of a model on this node."""
+    model_config = ConfigDict(extra="forbid")
+    deployment: str | None = Field(None, min_length=1, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=256)
 
-    def check(req: Request) -> None:
-        if not hmac.compare_digest(req.headers.get(b"authorization", b""), want):
+
+class SwapRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256, description="the model whose deployment is replaced")
+    to: str = Field(min_length=1, max_length=256, description="the deployment to load in its place")
+
+
+def build_app(node: Node, token: str) -> BodyLimit:
+    """The node's admin API (FastAPI): every route but /health wants the node token."""
+    want = b"Bearer " + token.encode()
+    bearer = HTTPBearer(auto_error=False, description="the node token")
+
+    def check(request: Request, _: Any = Security(bearer)) -> None:
+        got = dict(request.scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(got, want):
             raise HTTPError(401, "This node's admin API needs the node token.", code="invalid_node_token")
 
-    async def body_of(req: Request) -> dict:
-        b = await req.json(1 << 20)
-        if not isinstance(b, dict):
-            raise HTTPError(400, "Request body must be a JSON object.")
-        return b
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await node.start()
+        try:
+            yield
+        finally:
+            await node.shutdown()
 
-    app = App(on_startup=node.start, on_shutdown=node.shutdown)
-    app.state = node  # type: ignore[attr-defined]
+    app = FastAPI(title=f"CBorg inference node {node.node.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.node = node
+    control_errors.install(app)
+    guarded = [Depends(check)]
 
-    async def health(req: Request):
-        return json_response({"status": "ok", "node": node.node.name})
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "node": node.node.name}
 
-    async def status(req: Request):
-        check(req)
-        return json_response(node.status())
+    @app.get("/status", dependencies=guarded)
+    async def status():
+        return node.status()
 
-    async def load(req: Request):
-        check(req)
-        return json_response(await node.load(await body_of(req)), 202)
+    @app.post("/load", status_code=202, dependencies=guarded)
+    async def load(body: DeploymentTarget):
+        return await node.load(body.model_dump(exclude_none=True))
 
-    async def unload(req: Request):
-        check(req)
-        return json_response(await node.unload(await body_of(req)), 202)
+    @app.post("/unload", status_code=202, dependencies=guarded)
+    async def unload(body: DeploymentTarget):
+        return await node.unload(body.model_dump(exclude_none=True))
 
-    async def swap(req: Request):
-        check(req)
-        return json_response(await node.swap(await body_of(req)), 202)
+    @app.post("/swap", status_code=202, dependencies=guarded)
+    async def swap(body: SwapRequest):
+        return await node.swap(body.model_dump())
 
-    app.route("/health", "GET", health, v1=False)
-    app.route("/status", "GET", status, v1=False)
-    app.route("/load", "POST", load, v1=False)
-    app.route("/unload", "POST", unload, v1=False)
-    app.route("/swap", "POST", swap, v1=False)
-    return app
+    return BodyLimit(app)
 
 
 def run_node(conf: InferenceConf, name: str | None, host: str | None = None, port: int | None = None,

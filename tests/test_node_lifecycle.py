@@ -67,6 +67,21 @@ def test_node_api_needs_the_token(stack):
     assert node.call("GET", "/status").json()["node"] == "t"
 
 
+def test_node_api_bad_input_is_a_400_naming_the_field(stack):
+    node, gw = stack
+    for path, body, field in (("/load", {"deployment": 5}, "deployment"), ("/unload", {"model": ["x"]}, "model"),
+                              ("/swap", {"model": "lbl/llama"}, "to"), ("/swap", {"model": "m", "to": {}}, "to"),
+                              ("/load", {"deployment": "llama-t", "force": True}, "force")):
+        r = node.call("POST", path, json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (path, body, r.text)
+    for raw in (b"[]", b"not json", b"{" * 5000):
+        r = node.call("POST", "/load", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "error" in r.json(), (raw[:10], r.text)
+    r = node.call("POST", "/load", json={})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "deployment"
+    assert node.call("POST", "/load", content=b"x" * (2 << 20)).status_code == 413
+
+
 def test_engines_do_not_see_the_secrets(stack):
     """The node's environment holds the node token and gateway credentials; its engines get neither,
     but keep HF_TOKEN, and number GPUs as nvidia-smi does."""

@@ -77,8 +77,8 @@ class NodeUnderTest:
         wait_http(self.url + "/health", timeout=30, proc=self.proc.p)
 
     def call(self, method: str, path: str, **kw) -> httpx.Response:
-        return httpx.request(method, self.url + path, headers={"Authorization": f"Bearer {NODE_TOKEN}"},
-                             timeout=30, **kw)
+        headers = {"Authorization": f"Bearer {NODE_TOKEN}", **kw.pop("headers", {})}
+        return httpx.request(method, self.url + path, headers=headers, timeout=30, **kw)
 
     def status(self) -> dict:
         r = self.call("GET", "/status")
