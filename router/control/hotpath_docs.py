@@ -30,6 +30,11 @@ class Message(_Open):
 
 
 class ChatRequest(_Open):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "lbl/cborg-chat:latest", "messages": [{"role": "user", "content": "Hello"}], "temperature": 0},
+        {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+         "stream_options": {"include_usage": True}}]})
+
     model: str = Field(description="a model name from GET /v1/models, e.g. lbl/cborg-chat:latest")
     messages: list[Message] = Field(min_length=1)
     stream: bool | None = None
@@ -56,6 +61,9 @@ class ChatCompletion(_Open):
 
 
 class CompletionRequest(_Open):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "lbl/llama", "prompt": "Once upon a time", "max_tokens": 8}]})
+
     model: str
     prompt: str | list[Any]
     stream: bool | None = None
@@ -72,6 +80,9 @@ class Completion(_Open):
 
 
 class EmbeddingRequest(_Open):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "lbl/nomic-embed-text", "input": ["a document", "another"]}]})
+
     model: str = Field(description="an embedding model, e.g. lbl/nomic-embed-text")
     input: str | list[Any]
     encoding_format: Literal["float", "base64"] | None = None
@@ -117,8 +128,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     504: {**_ERR, "description": "The upstream timed out"},
     508: {**_ERR, "description": "A provider base URL points back at this gateway"},
 }
-_STREAM = {"text/event-stream": {"schema": {"type": "string"},
-                                 "description": "with `stream: true`: server-sent events, ending in [DONE]"}}
+# With `stream: true`: server-sent events, each `data:` a chunk object, the last `data: [DONE]`.
+_STREAM = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "description": "one server-sent event",
+    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"},
+                   "event": {"type": "string"}}}}}
 
 router = APIRouter(tags=["inference (OpenAI API)"], responses=ERRORS, dependencies=[Security(bearer)])
 

@@ -39,11 +39,11 @@ def _duration(v: Any) -> str | None:
         raise ValueError("not a duration: use e.g. 30d, 12h or 1y") from None
     if secs is None:
         return None
-    if not math.isfinite(secs) or secs <= 0:
-        raise ValueError("must be a positive duration such as 30d")
+    if not math.isfinite(secs) or secs < 1:
+        raise ValueError("must be a duration of at least 1s, such as 30d")
     if secs > MAX_DURATION_S:
         raise ValueError("must be at most 100 years")
-    return f"{v:g}s" if isinstance(v, (int, float)) else str(v).strip()
+    return f"{round(secs)}s" if isinstance(v, (int, float)) else str(v).strip()
 
 
 def _period(v: Any) -> str | None:
