@@ -56,7 +56,6 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
     import uvicorn
 
     from common.logs import setup_logging
-    from inference.config import ConfigError as InferenceConfigError
     from inference.config import load_inference
     from router.app import create_app
     from router.catalog import ConfigError
@@ -67,7 +66,7 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
     try:
         conf = load_inference(settings.config_path, profile)
         nc = conf.node(None)
-    except (ConfigError, InferenceConfigError) as e:
+    except ConfigError as e:
         sys.exit(f"cborg: {e}")
     node_port = node_port or urlsplit(nc.url).port or 8101
     token = secrets.token_urlsafe(32)

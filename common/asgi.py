@@ -19,6 +19,9 @@ from . import timers
 log = logging.getLogger("cborg.http")
 
 JSON_HEADERS = [(b"content-type", b"application/json")]
+# On errors a retry cannot mend (or that the gateway has retried already): the openai and anthropic
+# SDKs retry 5xx and 429 by themselves unless told not to.
+NO_RETRY = (b"x-should-retry", b"false")
 
 # OpenAI error "type" by status, as the official API and the openai SDK use them.
 _ERROR_TYPES = {

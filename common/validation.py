@@ -8,6 +8,10 @@ import yaml
 from pydantic import ValidationError
 
 
+class ConfigError(Exception):
+    """models.yaml is invalid; the message names the file and the bad field."""
+
+
 def read_yaml_mapping(path: Path, error: type[Exception]) -> dict:
     """A YAML file whose top level is a mapping; `error` (naming the file) otherwise."""
     try:

@@ -16,7 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.validation import format_validation, read_yaml_mapping
+from common.paths import chosen_profile
+from common.validation import ConfigError, format_validation, read_yaml_mapping
 
 Engine = Literal["vllm", "transformers", "embeddings"]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -236,14 +237,6 @@ class InferenceConf:
 
     def deployments_of(self, node: str) -> list[DeploymentConf]:
         return [d for d in self.profile.deployments if d.node == node]
-
-
-class ConfigError(Exception):
-    """models.yaml's inference sections are invalid; the message names the file and field."""
-
-
-def chosen_profile(raw: dict, profile: str | None = None) -> str:
-    return profile or os.environ.get("CBORG_PROFILE") or raw.get("default_profile") or "cpu"
 
 
 def load_inference(path: str | os.PathLike, profile: str | None = None) -> InferenceConf:

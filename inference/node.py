@@ -29,16 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from common import control_errors
 from common.asgi import HTTPError
 from common.body_limit import BodyLimit
+from common.paths import cborg_home
 
 from . import gpus as gpu_mod
 from .config import DeploymentConf, InferenceConf, NodeConf
 from .supervisor import EngineProcess
 
 log = logging.getLogger("cborg.node")
-
-
-def cborg_home() -> Path:
-    return Path(os.environ.get("CBORG_HOME") or Path.home() / ".cborg")
 
 
 class Node:

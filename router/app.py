@@ -8,7 +8,7 @@ import time
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-from common.asgi import App, HTTPError
+from common.asgi import NO_RETRY, App, HTTPError
 
 from .auth import KeyCache
 from .catalog import Catalog, Route, load_catalog
@@ -27,9 +27,6 @@ from .store import open_store
 from .upstream import UpstreamPool
 
 log = logging.getLogger("cborg.gateway")
-
-_NO_RETRY = (b"x-should-retry", b"false")
-
 
 def _noop() -> None:
     return None
@@ -120,7 +117,7 @@ class Gateway:
             ep = self.endpoints[route.provider_name]
         if ep.missing:
             raise HTTPError(503, f"The model '{route.name}' is not available: {ep.missing}.",
-                            code="provider_not_configured", type="service_unavailable", headers=[_NO_RETRY])
+                            code="provider_not_configured", type="service_unavailable", headers=[NO_RETRY])
         return ep, _noop
 
     def resolve_dynamic(self, name: str) -> Route | None:

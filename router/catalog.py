@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.validation import format_validation, read_yaml_mapping
+from common.validation import ConfigError, format_validation, read_yaml_mapping
 
 from .durations import parse_duration
 
@@ -168,10 +168,6 @@ class CatalogConf(BaseModel):
                     raise ValueError(f"models[{i}] ({m.name}): fallback {f!r} is a commercial model; a free "
                                      "model's fallbacks must be free (budgets apply to commercial models)")
         return self
-
-
-class ConfigError(Exception):
-    """models.yaml is invalid; the message names the file and the bad field."""
 
 
 @dataclass(slots=True)

@@ -5,12 +5,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.paths import cborg_home
+
 from .catalog import default_config_path
-
-
-def cborg_home() -> Path:
-    """Where the embedded database and logs live: CBORG_HOME, default ~/.cborg."""
-    return Path(os.environ.get("CBORG_HOME") or Path.home() / ".cborg")
 
 
 @dataclass

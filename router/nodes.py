@@ -21,16 +21,16 @@ from typing import Any, Callable
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from common.asgi import HTTPError
-from common.validation import format_validation
+from common.asgi import NO_RETRY, HTTPError
+from common.paths import chosen_profile
+from common.validation import ConfigError, format_validation
 
-from .catalog import Catalog, ConfigError, Route
+from .catalog import Catalog, Route
 from .providers.base import Endpoint
 from .upstream import Target, Timeouts, UpstreamError, UpstreamPool
 
 log = logging.getLogger("cborg.nodes")
 
-_NO_RETRY = (b"x-should-retry", b"false")
 _POLL_TIMEOUTS = Timeouts(connect=2.0, first_byte=5.0, read=5.0, total=8.0)
 RETRY_AFTER_S = 5
 DOWN_AFTER = 2          # failed polls in a row before a node leaves rotation
@@ -64,7 +64,7 @@ def profile_nodes(catalog: Catalog, profile: str | None, override: list[dict] | 
     """The chosen profile's nodes and unserved reasons, validated (errors name the field)."""
     extra = catalog.conf.model_extra or {}
     profiles = extra.get("profiles") or {}
-    name = profile or os.environ.get("CBORG_PROFILE") or extra.get("default_profile") or "cpu"
+    name = chosen_profile(extra, profile)
     raw = profiles.get(name) if isinstance(profiles, dict) else None
     if raw is None and profiles:
         raise ConfigError(f"profiles: no profile {name!r} (have: {', '.join(profiles)})")
@@ -350,16 +350,16 @@ class NodeRegistry:
             msg, code, retry = e.error
             if route.name != route.model.name:
                 msg = msg.replace(f"'{route.model.name}'", f"'{route.name}' ({route.model.name})", 1)
-            headers = [(b"retry-after", str(RETRY_AFTER_S).encode())] if retry else [_NO_RETRY]
+            headers = [(b"retry-after", str(RETRY_AFTER_S).encode())] if retry else [NO_RETRY]
             return HTTPError(503, msg, code=code, type="service_unavailable", headers=headers)
         why = self.unserved.get(route.model.name)
         if why:
             return HTTPError(503, f"The model '{route.name}' is not served here: {why}", code="model_not_served",
-                             type="service_unavailable", headers=[_NO_RETRY])
+                             type="service_unavailable", headers=[NO_RETRY])
         down = [n.ref.name for n in self.nodes.values() if not n.up]
         extra = f" (node{'s' if len(down) > 1 else ''} {', '.join(down)} not answering)" if down else ""
         return HTTPError(503, f"No inference node serves '{route.name}' right now{extra}.", code="model_not_served",
-                         type="service_unavailable", headers=[_NO_RETRY])
+                         type="service_unavailable", headers=[NO_RETRY])
 
     # -- for the admin API -----------------------------------------------------------------
     def view(self) -> dict[str, Any]:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import orjson
 
-from common.asgi import HTTPError
+from common.asgi import NO_RETRY, HTTPError
 
 from .catalog import Route
 from .providers.base import Endpoint, scrub
 from .upstream import UpstreamError
 
-NO_RETRY = (b"x-should-retry", b"false")
 
 
 def _code_and_param(data: bytes) -> tuple[str | None, str | None]:

@@ -32,7 +32,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.eventstream import EventStreamBuffer, ParserError
 
-from common.asgi import HTTPError
+from common.asgi import NO_RETRY, HTTPError
 
 from ..catalog import Route
 from .base import (EMPTY_TEXT, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, scrub,
@@ -109,7 +109,7 @@ async def prepare(ep: Endpoint) -> None:
 def _missing(ep: Endpoint) -> HTTPError:
     return HTTPError(503, f"The provider '{ep.provider}' {_MISSING}.",
                      code="provider_not_configured", type="service_unavailable",
-                     headers=[(b"x-should-retry", b"false")])
+                     headers=[NO_RETRY])
 
 
 def sign(ep: Endpoint, path: str, body: bytes, accept: str | None = None) -> list[tuple[bytes, bytes]]:
