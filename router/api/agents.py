@@ -154,7 +154,7 @@ async def _stored_response(gw: "Gateway", req: Request) -> Response:
         return Response(data)
     if req.method == "DELETE":
         await gw.store.delete_response(rid)
-        return json_response({"id": rid, "object": "response.deleted", "deleted": True})
+        return json_response({"id": rid, "object": "response", "deleted": True})
     if sub == "input_items":
         items = list(rec.data["input"])
         if req.query.get("order") != "asc":

@@ -37,7 +37,8 @@ _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"
 _KNOWN = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
           "temperature", "top_p", "reasoning", "text", "stream", "store", "previous_response_id", "user"}
 _DROP = {"include", "metadata", "prompt_cache_key", "truncation", "service_tier", "safety_identifier",
-         "stream_options", "background", "prompt", "top_logprobs", "max_tool_calls", "conversation"}
+         "stream_options", "background", "prompt", "top_logprobs", "max_tool_calls", "conversation",
+         "client_metadata"}
 LOCAL_SHELL = {"type": "object", "properties": {
     "command": {"type": "array", "items": {"type": "string"}, "description": "The command and its arguments"},
     "workdir": {"type": "string"}, "timeout_ms": {"type": "integer"}}, "required": ["command"]}
