@@ -54,11 +54,11 @@ def codex_config(url: str) -> str:
             "[analytics]\nenabled = false\n")
 
 
-def run_codex(url: str, key: str, model: str, prompt: str, cwd: Path, home: Path,
+def run_codex(url: str, key: str, model: str, prompt: str, cwd: Path, home: Path, args: tuple[str, ...] = (),
               timeout: float = 300) -> subprocess.CompletedProcess:
     """`codex exec --skip-git-repo-check -m M PROMPT`; the last message is on stdout."""
     (home / ".codex").mkdir(parents=True, exist_ok=True)
     (home / ".codex" / "config.toml").write_text(codex_config(url))
-    return subprocess.run([str(agent_bin("codex")), "exec", "--skip-git-repo-check", "-m", model, prompt],
+    return subprocess.run([str(agent_bin("codex")), "exec", "--skip-git-repo-check", "-m", model, *args, prompt],
                           cwd=cwd, env=_env(home, {"CBORG_API_KEY": key}), capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
