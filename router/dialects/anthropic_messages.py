@@ -29,7 +29,8 @@ from common.asgi import HTTPError
 
 from ..catalog import ModelConf
 from ..providers.base import cached_usage
-from ..sse import SSESplitter, parse_event
+from ..sse import parse_event
+from . import ChunkEvents, NativeRelay
 
 log = logging.getLogger("cborg.dialects")
 
@@ -318,14 +319,14 @@ def event(name: str, obj: dict) -> bytes:
 _PING = event("ping", {"type": "ping"})
 
 
-class MessagesStream:
+class MessagesStream(ChunkEvents):
     """OpenAI chat chunk events (what a provider's stream translator gives) -> Messages events.
 
     Wraps the provider's translator so that the pipeline reads its usage and error as before; `end`
     gives the closing events once the upstream's usage is in (OpenAI sends it after the last chunk).
     """
 
-    __slots__ = ("inner", "model", "estimate", "started", "block", "kind", "tools", "stop", "failed")
+    __slots__ = ("model", "estimate", "started", "block", "kind", "tools", "stop", "failed")
 
     def __init__(self, inner, model: str, estimate: int):
         self.inner = inner
@@ -337,14 +338,6 @@ class MessagesStream:
         self.tools: dict[int, int] = {}   # chat tool_calls index -> content block index
         self.stop: str | None = None
         self.failed = False
-
-    @property
-    def usage(self):
-        return self.inner.usage
-
-    @property
-    def error(self):
-        return self.inner.error
 
     def _start(self, chat_id: str | None, out: list[bytes]) -> None:
         self.started = True
@@ -393,27 +386,6 @@ class MessagesStream:
                                                                        "partial_json": args}}))
             if ch.get("finish_reason"):
                 self.stop = STOP.get(ch["finish_reason"], "end_turn")
-
-    def _convert(self, events: list[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        for ev in events:
-            payload = ev[6:].rstrip(b"\n") if ev[:6] == b"data: " else b""
-            if not payload:
-                continue
-            obj = orjson.loads(payload)
-            err = obj.get("error")
-            if err is not None:
-                msg = err.get("message") if type(err) is dict else str(err)
-                out.append(self.fail(msg or "upstream error"))
-            else:
-                self._chunk(obj, out)
-        return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._convert(self.inner.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._convert(self.inner.close())
 
     def end(self, usage: dict | None) -> bytes:
         """The closing events, with the final usage (OpenAI form, or None if the upstream gave none);
@@ -484,16 +456,14 @@ def usage_in(u: dict | None) -> dict:
                         u.get("cache_creation_input_tokens") or 0, u.get("output_tokens") or 0)
 
 
-class NativeStream:
+class NativeStream(NativeRelay):
     """An Anthropic stream relayed byte for byte (event framing normalized); the usage is read from
     message_start and the cumulative message_delta, an `error` event noted."""
 
-    __slots__ = ("_sse", "usage", "error", "_raw")
+    __slots__ = ("_raw",)
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self.usage: dict | None = None
-        self.error: str | None = None
+        super().__init__()
         self._raw: dict = {}
 
     def _events(self, raws: list[bytes]) -> list[bytes]:
@@ -516,15 +486,6 @@ class NativeStream:
                     self.error = f"{err.get('type', 'error')}: {err.get('message', '')}"
             out.append(raw + b"\n\n")
         return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._events(self._sse.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._events(self._sse.flush())
-
-    def end(self, usage: dict | None) -> bytes:
-        return b""
 
     @staticmethod
     def fail(message: str) -> bytes:

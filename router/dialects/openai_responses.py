@@ -28,7 +28,8 @@ import orjson
 from common.asgi import HTTPError
 
 from ..catalog import ModelConf
-from ..sse import SSESplitter, parse_event
+from ..sse import parse_event
+from . import ChunkEvents, NativeRelay
 
 log = logging.getLogger("cborg.dialects")
 
@@ -315,14 +316,14 @@ def from_chat(obj: dict, body: dict, rid: str) -> dict:
 
 
 # -- stream ---------------------------------------------------------------------------------------
-class ResponsesStream:
+class ResponsesStream(ChunkEvents):
     """OpenAI chat chunk events (what a provider's stream translator gives) -> Responses events.
 
     Wraps the provider's translator (the pipeline reads its usage and error); `end` closes the open
     items and sends the terminal event with the usage; `fail` sends `response.failed`. `final` is the
     last Response object (what the store keeps)."""
 
-    __slots__ = ("inner", "body", "rid", "model", "created", "seq", "started", "output", "open", "text",
+    __slots__ = ("body", "rid", "model", "created", "seq", "started", "output", "open", "text",
                  "calls", "kinds", "finish", "final")
 
     def __init__(self, inner, body: dict, rid: str, model: str):
@@ -340,14 +341,6 @@ class ResponsesStream:
         self.kinds = tool_kinds(body)
         self.finish: str | None = None
         self.final: dict | None = None
-
-    @property
-    def usage(self):
-        return self.inner.usage
-
-    @property
-    def error(self):
-        return self.inner.error
 
     def _ev(self, typ: str, fields: dict, out: list[bytes]) -> None:
         fields["type"] = typ
@@ -437,27 +430,12 @@ class ResponsesStream:
             if ch.get("finish_reason"):
                 self.finish = ch["finish_reason"]
 
-    def _convert(self, events: list[bytes]) -> list[bytes]:
-        out: list[bytes] = []
-        for ev in events:
-            payload = ev[6:].rstrip(b"\n") if ev[:6] == b"data: " else b""
-            if not payload or self.final is not None:
-                continue
-            obj = orjson.loads(payload)
-            if not self.started:
-                self._start(out)
-            err = obj.get("error")
-            if err is not None:
-                out.append(self.fail(err.get("message") if type(err) is dict else str(err)))
-            else:
-                self._chunk(obj, out)
-        return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._convert(self.inner.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._convert(self.inner.close())
+    def _on(self, obj: dict, out: list[bytes]) -> None:
+        if self.final is not None:
+            return
+        if not self.started:
+            self._start(out)
+        super()._on(obj, out)
 
     def end(self, usage: dict | None) -> bytes:
         """The terminal event (nothing after `fail`): completed, or incomplete with its reason."""
@@ -488,16 +466,14 @@ class ResponsesStream:
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 
 
-class NativeStream:
+class NativeStream(NativeRelay):
     """An OpenAI Responses stream relayed byte for byte (event framing normalized); the response id is
     read from response.created, the usage from the terminal event. `final` is that last Response."""
 
-    __slots__ = ("_sse", "usage", "error", "final", "rid")
+    __slots__ = ("final", "rid")
 
     def __init__(self) -> None:
-        self._sse = SSESplitter()
-        self.usage: dict | None = None
-        self.error: str | None = None
+        super().__init__()
         self.final: dict | None = None
         self.rid: str | None = None
 
@@ -524,15 +500,6 @@ class NativeStream:
                     self.error = str(ev.get("message") or ev.get("error") or "error")
             out.append(raw + b"\n\n")
         return out
-
-    def feed(self, data: bytes) -> list[bytes]:
-        return self._events(self._sse.feed(data))
-
-    def close(self) -> list[bytes]:
-        return self._events(self._sse.flush())
-
-    def end(self, usage: dict | None) -> bytes:
-        return b""
 
     def fail(self, message: str) -> bytes:
         """The relay broke before the upstream's terminal event: say so as the API would."""
