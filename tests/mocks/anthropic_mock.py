@@ -1,4 +1,6 @@
-"""A mock of Anthropic's Messages API (POST /v1/messages) on loopback, faithful to its documented shapes.
+"""A mock of Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens) on loopback, faithful
+to its documented shapes. Fields that come with a beta (`context_management`, a tool's `defer_loading`,
+mid-conversation system turns) are taken only with that beta in `anthropic-beta`, as Claude Code sends it.
 
 It checks what the real API checks for what the gateway relies on: the key (`x-api-key`, or
 `Authorization: Bearer` as the newer SDKs send it), the `anthropic-version` header, required fields (`model`, `max_tokens`, `messages`), no unknown
