@@ -9,7 +9,9 @@ from typing import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from common.asgi import NO_RETRY, App, HTTPError
+from common.tasks import stop_task
 
+from .agents import purge_responses
 from .auth import KeyCache
 from .catalog import Catalog, Route, load_catalog
 from .config import Settings
@@ -67,6 +69,7 @@ class Gateway:
             self.ledger = Ledger(self.store, interval=settings.ledger_interval_s, log_requests=settings.request_logs)
         self.accountant = Accountant(self.metrics, self.ledger, self.policy)
         self.pipeline = Pipeline(self)
+        self.purge: asyncio.Task | None = None
         self.endpoints: dict[str, Endpoint] = {
             name: make_endpoint(name, conf, env=settings.env) for name, conf in self.catalog.providers.items()}
         self.model_endpoints: dict[str, Endpoint] = {
@@ -91,6 +94,7 @@ class Gateway:
         await self.keys.start()
         await self.limiter.start()
         await self.ledger.start()
+        self.purge = asyncio.create_task(purge_responses(self), name="responses-purge")
         if any(self.catalog.providers[m.provider].local and m.name not in self.model_endpoints
                for m in self.catalog.models.values()):
             await self.nodes.start()   # some local model has no base_url: nodes serve it
@@ -98,6 +102,7 @@ class Gateway:
             await hook()
 
     async def stop(self) -> None:
+        await stop_task(self.purge)
         for hook in self.before_stop:
             await hook()
         await self.nodes.stop()
@@ -128,7 +133,7 @@ class Gateway:
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
     """The gateway's ASGI app: the inference hot path on the lean dispatcher (common/asgi.py), with
     everything else (control plane, docs, lifespan) falling back to FastAPI (router/control)."""
-    from .api import openai
+    from .api import agents, openai
     from .control import app as control
 
     settings = settings or Settings.from_env()
@@ -136,4 +141,5 @@ def create_app(settings: Settings | None = None, catalog: Catalog | None = None)
     app = App(fallback=control.wrap(control.build(gw)))
     app.state = gw  # type: ignore[attr-defined]
     openai.register(app, gw)
+    agents.register(app, gw)
     return app

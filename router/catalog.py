@@ -46,6 +46,9 @@ class ProviderConf(_Strict):
     region: str | None = None      # bedrock
     region_env: str | None = None
     api_version: str | None = None  # anthropic-version
+    # The upstream serves OpenAI's Responses API itself (OpenAI): /v1/responses requests to its models are
+    # passed through as sent, not translated to chat.
+    native_responses: bool = False
     headers: dict[str, str] = {}
     timeouts: TimeoutsConf = TimeoutsConf()
     retry: RetryConf = RetryConf()
@@ -130,6 +133,22 @@ class LimitsConf(_Strict):
         return v
 
 
+class ResponsesConf(_Strict):
+    """The Responses API's stored responses (`store`, `previous_response_id`, GET /v1/responses/{id})."""
+
+    retention: str = "30d"     # how long a stored response can be read and continued; then it is deleted
+
+    @field_validator("retention")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        parse_duration(v)       # raises ValueError naming the text
+        return v
+
+    @property
+    def retention_s(self) -> float:
+        return parse_duration(self.retention)
+
+
 class CatalogConf(BaseModel):
     """The whole file. Sections other than these belong to other parts (the inference node)."""
 
@@ -139,9 +158,13 @@ class CatalogConf(BaseModel):
     models: list[ModelConf]
     aliases: list[AliasConf] = []
     limits: LimitsConf = LimitsConf()
+    responses: ResponsesConf = ResponsesConf()
 
     @model_validator(mode="after")
     def _cross_check(self) -> "CatalogConf":
+        for name, p in self.providers.items():
+            if p.native_responses and p.protocol != "openai":
+                raise ValueError(f"providers.{name}: native_responses needs protocol openai (it is {p.protocol!r})")
         names: set[str] = set()
         for i, m in enumerate(self.models):
             if m.provider not in self.providers:

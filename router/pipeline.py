@@ -27,12 +27,14 @@ from . import upstream_errors
 from .upstream import Timeouts, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
+    from .agents import Inbound
     from .app import Gateway
     from .store.base import KeyRecord
 
 log = logging.getLogger("cborg.pipeline")
 
 _REQUIRED = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+_ENDPOINT = {"chat": "chat/completions", "completions": "completions", "embeddings": "embeddings"}
 _MODE = {"chat": "chat", "completions": "chat", "embeddings": "embedding"}
 _KIND = {"chat": "a chat", "embedding": "an embedding"}
 _RETRY_STATUS = frozenset((408, 409, 425, 429, 500, 502, 503, 504, 529))
@@ -53,11 +55,16 @@ def _request_id() -> str:
     return f"{_ID_PREFIX}{next(_ids):x}"
 
 
-def apply_alias(route: Route, op: str, body: dict) -> None:
-    """The alias's system prompt goes first; the caller's own system message, if any, follows."""
+def apply_defaults(route: Route, body: dict) -> None:
+    """The alias's or model's parameter defaults (models.yaml `params`), where the caller gave none."""
     for k, v in route.params.items():
         if k not in body:
             body[k] = v
+
+
+def apply_alias(route: Route, op: str, body: dict) -> None:
+    """The alias's system prompt goes first; the caller's own system message, if any, follows."""
+    apply_defaults(route, body)
     if route.system_prompt and op == "chat":
         body["messages"] = [{"role": "system", "content": route.system_prompt}, *body["messages"]]
 
@@ -80,13 +87,31 @@ def _retry_after(resp_headers: UpstreamResponse | None) -> float | None:
     return None
 
 
+def parse_object(raw: bytes) -> dict:
+    """A request body: a JSON object naming a model (400s that say what is wrong)."""
+    if not raw:
+        raise HTTPError(400, "Request body is empty; expected a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise HTTPError(400, f"Request body is not valid JSON: {e}") from None
+    if type(body) is not dict:
+        raise HTTPError(400, "Request body must be a JSON object.")
+    model = body.get("model")
+    if not model or type(model) is not str:
+        raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    return body
+
+
 class Call:
     """One inference request's state, from admission to accounting."""
 
     __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
-                 "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit")
+                 "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit",
+                 "inbound", "endpoint")
 
-    def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool):
+    def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool,
+                 inbound: "Inbound | None" = None):
         self.gw = gw
         self.id = _request_id()
         self.key = key
@@ -106,6 +131,8 @@ class Call:
         self.prompt_estimate = 0
         self.chunks = 0
         self.limit: str | None = None      # the limit that refused it, if one did
+        self.inbound = inbound             # a request in another API's shape (router/agents.py), or None
+        self.endpoint = inbound.endpoint if inbound is not None else _ENDPOINT[op]
 
     def account(self, usage: dict | None) -> float:
         if usage is not None:
@@ -133,19 +160,24 @@ class Pipeline:
         self.gw = gw
 
     # -- entry point -------------------------------------------------------------------
-    async def handle(self, req: Request, op: str) -> Response | StreamResponse:
+    async def handle(self, req: Request, op: str, inbound: "Inbound | None" = None) -> Response | StreamResponse:
+        """One call; `inbound` carries a request in another API's shape (Anthropic Messages, OpenAI Responses),
+        which it turns into each candidate's upstream request and back (router/agents.py)."""
         gw = self.gw
         try:
-            key, raw, body, route = await self._accept(req, op)
+            key, raw, body, route = await self._accept(req, op, inbound)
+            if inbound is not None:
+                await inbound.prepare(key, route)
         except HTTPError as e:   # refused before admission: counted under model "-" (names are the client's)
             gw.metrics.requests[("-", e.status)] += 1
             raise
         stream = op != "embeddings" and body.get("stream") is True
-        call = Call(gw, key, route, op, stream)
+        call = Call(gw, key, route, op, stream, inbound)
         if stream:
             so = body.get("stream_options")
             call.include_usage = type(so) is dict and so.get("include_usage") is True
-        apply_alias(route, op, body)
+        if inbound is None:
+            apply_alias(route, op, body)
         call.prompt_estimate = estimate_tokens(raw)
         try:
             # Without an await where the limiter can answer at once (the in-process one, nearly always).
@@ -171,7 +203,7 @@ class Pipeline:
                 call.finish()
             raise
 
-    async def _accept(self, req: Request, op: str) -> tuple["KeyRecord", bytes, dict, Route]:
+    async def _accept(self, req: Request, op: str, inbound: "Inbound | None") -> tuple["KeyRecord", bytes, dict, Route]:
         """Who is calling, for which model: 401/400/404/403 before anything is counted against limits."""
         gw = self.gw
         if req.headers.get(b"x-cborg-via") == gw.via:
@@ -180,7 +212,7 @@ class Pipeline:
                             headers=[upstream_errors.NO_RETRY])
         key = await gw.keys.verify(bearer_token(req.headers))
         raw = await req.body(gw.settings.max_body_bytes)
-        body = self._parse(raw, op)
+        body = self._parse(raw, op) if inbound is None else inbound.parse(raw)
         name = body["model"]
         route = gw.catalog.resolve(name)
         if route is None:
@@ -199,17 +231,7 @@ class Pipeline:
 
     @staticmethod
     def _parse(raw: bytes, op: str) -> dict:
-        if not raw:
-            raise HTTPError(400, "Request body is empty; expected a JSON object.")
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise HTTPError(400, f"Request body is not valid JSON: {e}") from None
-        if type(body) is not dict:
-            raise HTTPError(400, "Request body must be a JSON object.")
-        model = body.get("model")
-        if not model or type(model) is not str:
-            raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+        body = parse_object(raw)
         field = _REQUIRED[op]
         val = body.get(field)
         if val is None or (op == "chat" and (type(val) is not list or not val)):
@@ -237,7 +259,7 @@ class Pipeline:
         candidates = self._candidates(call.route)
         last_err: HTTPError | None = None
         for n, route in enumerate(candidates):
-            if n:
+            if n and call.inbound is None:
                 body = orjson.loads(raw)
                 apply_alias(call.route, call.op, body)
             for _ in range(_NODE_REPICKS):
@@ -252,7 +274,10 @@ class Pipeline:
                     prepare = ad.__dict__.get("prepare")
                     if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
                         await prepare(ep)
-                    ureq = ad.build(ep, route, call.op, body, call.stream)
+                    if call.inbound is None:
+                        ureq = ad.build(ep, route, call.op, body, call.stream)
+                    else:
+                        ureq = call.inbound.build(ad, ep, route, call.stream)
                     resp = await self._send(ep, route, ureq)
                 except _EngineGone:
                     release()
@@ -268,7 +293,10 @@ class Pipeline:
                 call.served = route
                 if call.stream:
                     return self._stream_response(call, resp, ad, route, ep, release)
-                return self._complete(call, resp, ad, route, ep, release, await self._read(resp, route, ep, release))
+                out = self._complete(call, resp, ad, route, ep, release, await self._read(resp, route, ep, release))
+                if call.inbound is not None:
+                    await call.inbound.done(call)
+                return out
             if route is candidates[-1] or last_err.status not in _RETRY_STATUS:
                 break
         assert last_err is not None
@@ -286,15 +314,19 @@ class Pipeline:
                   data: bytes) -> Response:
         release()
         try:
-            obj = ad.parse(route, call.op, data)
+            if call.inbound is None:
+                obj = ad.parse(route, call.op, data)
+                usage = obj.get("usage")
+            else:
+                data, usage = call.inbound.complete(ad, route, data)
         except Exception as e:  # noqa: BLE001
             raise HTTPError(502, f"The upstream for '{route.name}' sent a response that could not be "
                                  f"read: {scrub(str(e), ep.api_key)}", code="bad_upstream_response") from None
-        cost = call.account(obj.get("usage"))
+        cost = call.account(usage)
         headers = [(b"x-litellm-response-cost", format_cost(cost)), (b"x-request-id", call.id.encode())]
         self._extra_headers(call, route, headers)
         call.finish()
-        return Response(orjson.dumps(obj), 200, headers)
+        return Response(orjson.dumps(obj) if call.inbound is None else data, 200, headers)
 
     async def _send(self, ep: Endpoint, route: Route, ureq) -> UpstreamResponse:
         """One upstream exchange up to the response headers, with retries while nothing was sent."""
@@ -358,7 +390,8 @@ class Pipeline:
 
     async def _relay(self, call: Call, resp: UpstreamResponse, ad, route: Route,
                      ep: Endpoint) -> AsyncIterator[bytes]:
-        tr = ad.stream(route, call.op)
+        inbound = call.inbound
+        tr = ad.stream(route, call.op) if inbound is None else inbound.stream(ad, route, call.prompt_estimate)
         try:
             async for data in resp.chunks():
                 out = tr.feed(data)
@@ -375,6 +408,11 @@ class Pipeline:
                 call.error = scrub(tr.error, ep.api_key)
             usage = normalize_usage(tr.usage) if tr.usage is not None else None
             call.account(usage)
+            if inbound is not None:
+                tail = tr.end(usage)
+                await inbound.done(call, tr)   # (a stored response is readable before the client hears it ended)
+                yield tail
+                return
             if usage is not None and call.include_usage:
                 chunk = dict(tr.template) if tr.template else {
                     "id": call.id, "object": "chat.completion.chunk" if call.op == "chat" else "text_completion",
@@ -392,6 +430,9 @@ class Pipeline:
                 log.exception("stream relay for %s failed", call.id)
             call.status = e.status if isinstance(e, StreamError) else 502
             call.error = scrub(str(e), ep.api_key)
+            if inbound is not None:
+                yield tr.fail(f"The upstream stream for '{route.name}' failed: {call.error}")
+                return
             yield data_event(orjson.dumps({"error": {
                 "message": f"The upstream stream for '{route.name}' failed: {call.error}",
                 "type": "upstream_error", "param": None, "code": "upstream_stream_error"}}))

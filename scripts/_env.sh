@@ -50,3 +50,22 @@ cborg_vllm_env() {
   fi
   export CBORG_REQUIRE_VLLM=1
 }
+
+# Claude Code and Codex CLI for the coding-agent tests (tests/agents/), from npm, at pinned versions, in
+# CBORG_AGENTS_DIR (default ~/.cache/cborg/agents; about 800 MB: each ships a native binary). Needs npm.
+CBORG_AGENT_PACKAGES="@anthropic-ai/claude-code@2.1.332 @openai/codex@0.171.0"
+cborg_agents_env() {
+  export CBORG_AGENTS_DIR="${CBORG_AGENTS_DIR:-$HOME/.cache/cborg/agents}"
+  local stamp="$CBORG_AGENTS_DIR/.cborg-installed"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$CBORG_AGENT_PACKAGES" ]; then
+    command -v npm >/dev/null || { echo "npm is needed to install the coding agents for tests/agents" >&2; exit 1; }
+    echo "==> installing $CBORG_AGENT_PACKAGES into $CBORG_AGENTS_DIR (first time: a minute)" >&2
+    mkdir -p "$CBORG_AGENTS_DIR"
+    # shellcheck disable=SC2086
+    npm install --prefix "$CBORG_AGENTS_DIR" --no-audit --no-fund --loglevel=error $CBORG_AGENT_PACKAGES >&2
+    "$CBORG_AGENTS_DIR/node_modules/.bin/claude" --version >/dev/null
+    "$CBORG_AGENTS_DIR/node_modules/.bin/codex" --version >/dev/null
+    echo "$CBORG_AGENT_PACKAGES" > "$stamp"
+  fi
+  export CBORG_REQUIRE_AGENTS=1
+}

@@ -11,6 +11,10 @@ Scenarios (each runs its own gateway process; the key has parallel, RPM, TPM and
   accounting-off  the same with CBORG_ACCOUNTING=off (no limits, no ledger; metrics and logs stay)
   redis-postgres  the same with CBORG_REDIS_URL and CBORG_DATABASE_URL=postgresql://... (scale-out)
   anthropic       anthropic/claude-sonnet through the Anthropic translation
+  messages-native     POST /v1/messages for anthropic/claude-sonnet, passed through (Claude Code's path)
+  messages-openai     POST /v1/messages for openai/gpt-4o, translated to chat and back
+  responses-native    POST /v1/responses for openai/gpt-4o, passed through (Codex's path)
+  responses-anthropic POST /v1/responses for anthropic/claude-sonnet, translated through chat to Messages
 """
 from __future__ import annotations
 
@@ -40,17 +44,30 @@ ANTHROPIC_RESPONSE = ('{"id":"msg_bench","type":"message","role":"assistant","mo
                       '"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
                       '"output_tokens":9,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}')
 
+RESPONSES_RESPONSE = ('{"id":"resp_bench","object":"response","created_at":1700000000,"status":"completed",'
+                      '"model":"gpt-4o-2024-08-06","output":[{"type":"message","id":"msg_bench","status":"completed",'
+                      '"role":"assistant","content":[{"type":"output_text","text":"Hello! How can I help you today?",'
+                      '"annotations":[]}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},'
+                      '"output_tokens":9,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":21}}')
+
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
-# scenario -> (model name, the path nginx answers on for the direct run, extra gateway env, database kind)
-SCENARIOS: dict[str, tuple[str, str, dict, str]] = {
+# scenario -> (model name, the path nginx answers on for the direct run, extra gateway env, database kind,
+# the gateway's API)
+SCENARIOS: dict[str, tuple] = {
     "passthrough": ("openai/gpt-4o", "/v1/chat/completions", {}, "sqlite"),
     "accounting-off": ("openai/gpt-4o", "/v1/chat/completions", {"CBORG_ACCOUNTING": "off"}, "sqlite"),
     "redis-postgres": ("openai/gpt-4o", "/v1/chat/completions",
                        {"CBORG_REDIS_URL": REDIS_URL, "CBORG_REDIS_PREFIX": f"bench{os.getpid()}:"}, "postgres"),
     "anthropic": ("anthropic/claude-sonnet", "/v1/messages", {}, "sqlite"),
+    "messages-native": ("anthropic/claude-sonnet", "/v1/messages", {}, "sqlite", "messages"),
+    "messages-openai": ("openai/gpt-4o", "/v1/chat/completions", {}, "sqlite", "messages"),
+    "responses-native": ("openai/gpt-4o", "/v1/responses", {}, "sqlite", "responses"),
+    "responses-anthropic": ("anthropic/claude-sonnet", "/v1/messages", {}, "sqlite", "responses"),
 }
+# Each translated agent path against the pass-through of its own API, measured in the same rounds.
+AGENT_PAIRS = {"messages-openai": "messages-native", "responses-anthropic": "responses-native"}
 
 
 def free_port() -> int:
@@ -89,6 +106,7 @@ http {{
   server {{
     listen 127.0.0.1:{port};
     location /v1/messages {{ default_type application/json; return 200 '{esc(ANTHROPIC_RESPONSE)}'; }}
+    location /v1/responses {{ default_type application/json; return 200 '{esc(RESPONSES_RESPONSE)}'; }}
     location / {{ default_type application/json; return 200 '{esc(OPENAI_RESPONSE)}'; }}
   }}
 }}
@@ -97,10 +115,13 @@ http {{
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def lua(tmp: Path, model: str, key: str, tag: str = "") -> Path:
+def lua(tmp: Path, model: str, key: str, tag: str = "", api: str = "chat") -> Path:
     p = tmp / f"post-{tag}-{re.sub(r'[^a-z0-9]', '_', model)}.lua"
-    body = ('{"model":"%s","messages":[{"role":"user","content":"Hello, how are you today?"}],'
-            '"max_tokens":64}' % model)
+    if api == "responses":
+        body = '{"model":"%s","input":"Hello, how are you today?","max_output_tokens":64}' % model
+    else:
+        body = ('{"model":"%s","messages":[{"role":"user","content":"Hello, how are you today?"}],'
+                '"max_tokens":64}' % model)
     p.write_text(f"""wrk.method = "POST"
 wrk.body = '{body}'
 wrk.headers["Content-Type"] = "application/json"
@@ -231,15 +252,17 @@ def main() -> None:
         # noisy machine. Medians over rounds; ratios are medians of the per-round ratios.
         setup = {}
         for s in scen:
-            model, path, extra_env, db_kind = SCENARIOS[s]
+            model, path, extra_env, db_kind, *api = SCENARIOS[s]
+            api = api[0] if api else "chat"
             db = asyncio.run(pg_schema(schema)) if db_kind == "postgres" else f"sqlite:///{tmp / (s + '.db')}"
             key = asyncio.run(make_key(db))
             port = free_port()
             gw = start_gateway(port, {**base_env, **extra_env, "CBORG_DATABASE_URL": db}, a.gateway_cpu,
                                tmp / f"gw-{s}.log")
             procs.append(gw)
-            setup[s] = (gw, lua(tmp, model, key, s), lua(tmp, "gpt-4o", key, s + "-direct"),
-                        f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{nport}{path}")
+            gpath = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}[api]
+            setup[s] = (gw, lua(tmp, model, key, s, api), lua(tmp, "gpt-4o", key, s + "-direct"),
+                        f"http://127.0.0.1:{port}{gpath}", f"http://127.0.0.1:{nport}{path}")
             wrk(setup[s][3], setup[s][1], 32, 2, a.load_cpu)  # warm up
         rows = {s: {"direct_c1": [], "gw_c1": [], "gw_c32": [], "direct_c32": []} for s in scen}
         for _ in range(a.rounds):
@@ -304,6 +327,9 @@ def main() -> None:
             each = [x["rps"] / b["rps"] for x, b in zip(results[s]["rounds"]["gw_c32"],
                                                           results["accounting-off"]["rounds"]["gw_c32"])]
             print(f"  per round: {', '.join(f'{v:.2f}' for v in each)}")
+        if s in AGENT_PAIRS and AGENT_PAIRS[s] in results:
+            print(f"{s} vs {AGENT_PAIRS[s]} (translation vs pass-through): added p50 "
+                  f"{added_diff(s, AGENT_PAIRS[s]):+.3f} ms, throughput ratio {per_round(s, AGENT_PAIRS[s], 'rps'):.2f}")
         if s == "anthropic" and "passthrough" in results:
             print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
                   f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")

@@ -293,9 +293,18 @@ def build_app(spec: Spec):
         return json_response({"object": "list", "data": [{"id": engine.name, "object": "model", "created": now(),
                                                           "owned_by": "cborg", "max_model_len": engine.lm.max_model_len}]})
 
+    async def tokenize(req: Request):
+        """vLLM's /tokenize shape: the prompt's token count as the chat template renders the messages (the
+        gateway's exact count_tokens for local models)."""
+        check(req)
+        body = await _json(req)
+        ids = await asyncio.to_thread(engine.chat_ids if "messages" in body else engine.prompt_ids, body)
+        return json_response({"count": len(ids), "max_model_len": engine.lm.max_model_len, "tokens": ids})
+
     app.route("/chat/completions", "POST", chat)
     app.route("/completions", "POST", completions)
     app.route("/models", "GET", models)
+    app.route("/tokenize", "POST", tokenize)
     return app
 
 

@@ -49,11 +49,11 @@ class Accountant:
             led.add((call.id, ts, key.id, key.user_id, call.route.name, served.model.model, served.provider_name,
                      prompt, cached, completion, call.cost, call.status, latency * 1000,
                      ttft * 1000 if ttft is not None else (latency * 1000 if not call.stream and call.usage else None),
-                     1 if call.stream else 0, 1 if u.get("estimated") else 0), self.policy.periods(key))
+                     1 if call.stream else 0, 1 if u.get("estimated") else 0, call.endpoint), self.policy.periods(key))
         if led.log_requests:
             line = {"ts": round(ts, 3), "level": "info", "logger": "cborg.request", "msg": "request",
                     "request_id": call.id, "key_id": key.id, "user": key.user_id, "model": call.route.name,
-                    "served_by": served.name, "status": call.status, "latency_ms": round(latency * 1000, 2),
+                    "served_by": served.name, "endpoint": call.endpoint, "status": call.status, "latency_ms": round(latency * 1000, 2),
                     "ttft_ms": round(ttft * 1000, 2) if ttft is not None else None, "stream": call.stream,
                     "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": completion,
                     "cost": call.cost}

@@ -22,7 +22,7 @@ log = logging.getLogger("cborg.ledger")
 
 LEDGER_COLUMNS = ("request_id", "ts", "key_id", "user_id", "model", "served_model", "provider", "prompt_tokens",
                   "cached_tokens", "completion_tokens", "cost", "status", "latency_ms", "ttft_ms", "stream",
-                  "estimated")
+                  "estimated", "endpoint")
 
 
 @dataclass

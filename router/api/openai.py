@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 from common.asgi import App, HTTPError, Request, json_response
 
+from ..agents import anthropic_model
 from ..auth import allowed, bearer_token
 
 if TYPE_CHECKING:
@@ -30,8 +31,11 @@ def register(app: App, gw: "Gateway") -> None:
 
     async def list_models(req: Request):
         key = await gw.keys.verify(bearer_token(req.headers))
-        data = [model_object(gw, n) for n, r in gw.catalog.routes.items() if allowed(key, r)]
-        return json_response({"object": "list", "data": data})
+        names = [n for n, r in gw.catalog.routes.items() if allowed(key, r)]
+        if b"anthropic-version" in req.headers:   # Claude Code and the anthropic SDK: Anthropic's list shape
+            return json_response({"data": [anthropic_model(gw, n) for n in names], "has_more": False,
+                                  "first_id": names[0] if names else None, "last_id": names[-1] if names else None})
+        return json_response({"object": "list", "data": [model_object(gw, n) for n in names]})
 
     async def get_model(req: Request):
         key = await gw.keys.verify(bearer_token(req.headers))
@@ -40,6 +44,8 @@ def register(app: App, gw: "Gateway") -> None:
         if route is None or not allowed(key, route):
             raise HTTPError(404, f"The model '{name}' does not exist. GET /v1/models lists the models this "
                                  "key can use.", code="model_not_found", param="model")
+        if b"anthropic-version" in req.headers:
+            return json_response(anthropic_model(gw, route.name))
         return json_response(model_object(gw, route.name))
 
     app.route("/chat/completions", "POST", chat)

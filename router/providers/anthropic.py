@@ -304,6 +304,20 @@ def _headers(ep: Endpoint) -> list[tuple[bytes, bytes]]:
     return h
 
 
+def native(ep: Endpoint, route: Route, path: str, body: dict, client: dict[bytes, bytes]) -> UpstreamRequest:
+    """A Messages request passed through as sent (unknown fields included) but for the model's upstream
+    name, with the caller's `anthropic-version` and `anthropic-beta` and the gateway's credentials."""
+    h = _headers(ep)
+    version = client.get(b"anthropic-version")
+    if version:
+        h = [x for x in h if x[0] != b"anthropic-version"] + [(b"anthropic-version", version)]
+    beta = client.get(b"anthropic-beta")
+    if beta:
+        h = [*h, (b"anthropic-beta", beta)]
+    body["model"] = route.model.model
+    return UpstreamRequest(path, h, orjson.dumps(body))
+
+
 def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
     if op != "chat":
         raise bad_request(f"'{route.name}' is an Anthropic model: it serves /chat/completions only.", "model")

@@ -68,7 +68,8 @@ def build_body(route: Route, op: str, body: dict, stream: bool) -> dict:
     return body
 
 
-def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
+def headers_for(ep: Endpoint) -> list[tuple[bytes, bytes]]:
+    """The upstream's headers (credentials, configured extras, loop-detection id), made once per endpoint."""
     headers = ep.extra.get("headers")
     if headers is None:
         headers = [(b"content-type", b"application/json")]
@@ -79,11 +80,22 @@ def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> Upst
         if ep.extra.get("via"):   # the gateway's loop-detection id (router/app.py)
             headers.append((b"x-cborg-via", ep.extra["via"]))
         ep.extra["headers"] = headers
+    return headers
+
+
+def build(ep: Endpoint, route: Route, op: str, body: dict, stream: bool) -> UpstreamRequest:
     body = build_body(route, op, body, stream)
     served = ep.extra.get("served_model")
     if served:   # a CBorg inference node's engine: the name it serves the model under
         body["model"] = served
-    return UpstreamRequest(PATHS[op], headers, orjson.dumps(body))
+    return UpstreamRequest(PATHS[op], headers_for(ep), orjson.dumps(body))
+
+
+def native(ep: Endpoint, route: Route, path: str, body: dict) -> UpstreamRequest:
+    """A request in the upstream's own shape (a Responses request to OpenAI), passed through as sent but
+    for the model's upstream name."""
+    body["model"] = ep.extra.get("served_model") or route.model.model
+    return UpstreamRequest(path, headers_for(ep), orjson.dumps(body))
 
 
 def parse(route: Route, op: str, data: bytes) -> dict:

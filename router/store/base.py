@@ -64,6 +64,19 @@ class UserRecord:
     updated_at: float = 0.0
 
 
+@dataclass(slots=True)
+class ResponseRecord:
+    """A Responses API answer kept for `previous_response_id` and GET/DELETE /v1/responses/{id}: readable only
+    by the key that made it. `native`: OpenAI stores the response itself (only its owner is kept here);
+    otherwise `data` holds {"response": the Response, "input": every input item it answered}."""
+    id: str
+    key_id: str
+    model: str
+    native: bool
+    data: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=time.time)
+
+
 KEY_FIELDS = tuple(f.name for f in fields(KeyRecord))
 USER_FIELDS = tuple(f.name for f in fields(UserRecord))
 USER_LIMIT_FIELDS = ("max_budget", "budget_period", "max_parallel", "rpm", "tpm")
@@ -119,6 +132,12 @@ class Store(Protocol):
         ...
     async def users_changed_since(self, ts: float) -> list[UserRecord]:
         """Users whose limits an admin set at or after `ts`."""
+        ...
+    async def put_response(self, rec: ResponseRecord) -> None: ...
+    async def get_response(self, response_id: str) -> ResponseRecord | None: ...
+    async def delete_response(self, response_id: str) -> bool: ...
+    async def purge_responses(self, before: float) -> int:
+        """Delete responses created before `before` (the retention in models.yaml); how many went."""
         ...
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
         """(spend, budget_reset_at) as last written, by limiter scope name ("k:<key id>", "u:<user id>")."""

@@ -14,8 +14,8 @@ import orjson
 
 from ..accounting.ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
-                   user_update_values)
+from .base import (KEY_FIELDS, KeyRecord, ResponseRecord, UserRecord, key_from_row, key_to_row,
+                   user_from_row, user_update_values)
 
 MIGRATIONS: list[str] = [
     """
@@ -82,6 +82,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE users ADD COLUMN tpm BIGINT;
     ALTER TABLE users ADD COLUMN updated_at DOUBLE PRECISION NOT NULL DEFAULT 0;
     CREATE INDEX users_updated ON users(updated_at);
+    """,
+    # The endpoint of each ledger row (chat/completions, messages, responses, ...; NULL before), and the
+    # Responses API's stored responses (previous_response_id, GET/DELETE /v1/responses/{id}).
+    """
+    ALTER TABLE ledger ADD COLUMN endpoint TEXT;
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        model TEXT NOT NULL,
+        native BOOLEAN NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX responses_created ON responses(created_at);
     """,
 ]
 
@@ -193,7 +207,7 @@ class PostgresStore:
         return out
 
     async def write_ledger(self, rows: list[tuple], keys: dict, users: dict, now: float) -> None:
-        recs = [(*r[:14], bool(r[14]), bool(r[15])) for r in rows]
+        recs = [(*r[:14], bool(r[14]), bool(r[15]), *r[16:]) for r in rows]
         async with self.pool.acquire() as c:
             async with c.transaction():
                 await c.copy_records_to_table("ledger", records=recs, columns=list(LEDGER_COLUMNS))
@@ -214,6 +228,24 @@ class PostgresStore:
                     spend, reset_at = roll(r[0], r[1], d.period_s, now)
                     await c.execute("UPDATE users SET spend = $2, budget_reset_at = $3 WHERE user_id = $1",
                                     user_id, spend + d.delta, reset_at)
+
+    # -- stored responses (Responses API)
+    async def put_response(self, rec: ResponseRecord) -> None:
+        await self.pool.execute("INSERT INTO responses (id, key_id, created_at, model, native, data) "
+                                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data",
+                                rec.id, rec.key_id, rec.created_at, rec.model, rec.native,
+                                orjson.dumps(rec.data).decode())
+
+    async def get_response(self, response_id: str) -> ResponseRecord | None:
+        r = await self.pool.fetchrow("SELECT * FROM responses WHERE id = $1", response_id)
+        return ResponseRecord(r["id"], r["key_id"], r["model"], r["native"], orjson.loads(r["data"]),
+                              r["created_at"]) if r else None
+
+    async def delete_response(self, response_id: str) -> bool:
+        return await self.pool.execute("DELETE FROM responses WHERE id = $1", response_id) != "DELETE 0"
+
+    async def purge_responses(self, before: float) -> int:
+        return int((await self.pool.execute("DELETE FROM responses WHERE created_at < $1", before)).split()[-1])
 
     async def ledger_totals(self, key_id: str | None = None) -> tuple[int, float]:
         if key_id is None:

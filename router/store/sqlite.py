@@ -13,8 +13,8 @@ import orjson
 
 from ..accounting.ledger import LEDGER_COLUMNS
 from ..limits.budget import roll
-from .base import (KEY_FIELDS, KeyRecord, UserRecord, key_from_row, key_to_row, user_from_row,
-                   user_update_values)
+from .base import (KEY_FIELDS, KeyRecord, ResponseRecord, UserRecord, key_from_row, key_to_row,
+                   user_from_row, user_update_values)
 
 # Each entry is one schema version; a database is brought forward from the version it records.
 MIGRATIONS: list[str] = [
@@ -89,6 +89,20 @@ MIGRATIONS: list[str] = [
     ALTER TABLE users ADD COLUMN tpm INTEGER;
     ALTER TABLE users ADD COLUMN updated_at REAL NOT NULL DEFAULT 0;
     CREATE INDEX users_updated ON users(updated_at);
+    """,
+    # The endpoint of each ledger row (chat/completions, messages, responses, ...; NULL before), and the
+    # Responses API's stored responses (previous_response_id, GET/DELETE /v1/responses/{id}).
+    """
+    ALTER TABLE ledger ADD COLUMN endpoint TEXT;
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        model TEXT NOT NULL,
+        native INTEGER NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX responses_created ON responses(created_at);
     """,
 ]
 
@@ -288,6 +302,25 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
                 raise
         await self._run(tx)
+
+    # -- stored responses (Responses API)
+    async def put_response(self, rec: ResponseRecord) -> None:
+        row = (rec.id, rec.key_id, rec.created_at, rec.model, 1 if rec.native else 0, orjson.dumps(rec.data).decode())
+        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO responses (id, key_id, created_at, model, "
+                                              "native, data) VALUES (?,?,?,?,?,?)", row))
+
+    async def get_response(self, response_id: str) -> ResponseRecord | None:
+        r = await self._run(lambda db: db.execute("SELECT * FROM responses WHERE id = ?", (response_id,)).fetchone())
+        return ResponseRecord(r["id"], r["key_id"], r["model"], bool(r["native"]), orjson.loads(r["data"]),
+                              r["created_at"]) if r else None
+
+    async def delete_response(self, response_id: str) -> bool:
+        return await self._run(lambda db: db.execute("DELETE FROM responses WHERE id = ?",
+                                                     (response_id,)).rowcount) > 0
+
+    async def purge_responses(self, before: float) -> int:
+        return await self._run(lambda db: db.execute("DELETE FROM responses WHERE created_at < ?",
+                                                     (before,)).rowcount)
 
     async def ledger_totals(self, key_id: str | None = None) -> tuple[int, float]:
         def q(db: sqlite3.Connection):

@@ -50,9 +50,11 @@ def _merge(d: dict, kw: dict) -> dict:
 
 
 def write_config(path: Path, port: int, deployments: list[dict], unserved: dict | None = None,
-                 node: dict | None = None) -> Path:
-    """models.yaml with a `test` profile holding one node `t` on `port`."""
+                 node: dict | None = None, edit=None) -> Path:
+    """models.yaml with a `test` profile holding one node `t` on `port`; `edit` changes the catalog."""
     conf = yaml.safe_load((ROOT / "models.yaml").read_text())
+    if edit:
+        edit(conf)
     for a in conf.get("aliases", []):
         if a.get("system_prompt"):
             a["system_prompt"] = str(ROOT / a["system_prompt"])
@@ -151,9 +153,9 @@ def gateway_for(tmp: Path, config: Path, node_url: str, poll_s: float = 0.5, tok
 
 @contextlib.contextmanager
 def node_and_gateway(tmp: Path, deployments: list[dict], unserved: dict | None = None, node: dict | None = None,
-                     wait_ready: bool = True):
+                     wait_ready: bool = True, edit=None):
     port = free_port()
-    cfg = write_config(tmp / "models.yaml", port, deployments, unserved, node)
+    cfg = write_config(tmp / "models.yaml", port, deployments, unserved, node, edit)
     n = NodeUnderTest(tmp, cfg, port)
     try:
         if wait_ready:

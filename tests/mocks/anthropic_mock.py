@@ -1,4 +1,6 @@
-"""A mock of Anthropic's Messages API (POST /v1/messages) on loopback, faithful to its documented shapes.
+"""A mock of Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens) on loopback, faithful
+to its documented shapes. Fields that come with a beta (`context_management`, a tool's `defer_loading`,
+mid-conversation system turns) are taken only with that beta in `anthropic-beta`, as Claude Code sends it.
 
 It checks what the real API checks for what the gateway relies on: the key (`x-api-key`, or
 `Authorization: Bearer` as the newer SDKs send it), the `anthropic-version` header, required fields (`model`, `max_tokens`, `messages`), no unknown
@@ -33,7 +35,13 @@ from tests.mocks.openai_mock import TOOL_ARGS, Scripted
 MODELS = {"claude-haiku-4-5": 4096, "claude-sonnet-4-5": 1024, "claude-opus-4-1": 1024}   # min cacheable tokens
 ONE_SAMPLER = {"claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"}
 _TOP = {"model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature",
-        "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers"}
+        "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
+        "output_config"}
+# Fields, tool keys and message roles taken only with the beta that brings them (the `anthropic-beta` header,
+# which Claude Code sends): the gateway must forward the header with the body.
+BETA_FIELDS = {"context_management": "context-management-"}
+BETA_TOOL_KEYS = {"defer_loading": "advanced-tool-use-"}
+BETA_SYSTEM_TURNS = "mid-conversation-tool-changes-"
 _MAGIC = {"image/png": b"\x89PNG", "image/jpeg": b"\xff\xd8\xff", "image/gif": b"GIF8", "image/webp": b"RIFF"}
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
@@ -66,6 +74,7 @@ class MockAnthropic:
         self.completed_streams = 0
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_post("/v1/messages", self.handle)
+        self.app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         self.url = ""
 
     def reset(self) -> None:
@@ -128,8 +137,8 @@ class MockAnthropic:
         if cc is not None and (not isinstance(cc, dict) or cc.get("type") != "ephemeral"):
             raise Invalid(f"{where}.cache_control.type: Input should be 'ephemeral'")
 
-    def _validate(self, body: dict) -> None:
-        extra = sorted(set(body) - _TOP)
+    def _validate(self, body: dict, betas: str = "") -> None:
+        extra = sorted(k for k in set(body) - _TOP if not (k in BETA_FIELDS and BETA_FIELDS[k] in betas))
         if extra:
             raise Invalid(f"{extra[0]}: Extra inputs are not permitted")
         for f in ("model", "max_tokens", "messages"):
@@ -145,6 +154,14 @@ class MockAnthropic:
         t = body.get("temperature")
         if t is not None and not 0 <= t <= 1:
             raise Invalid("temperature: range: 0..1")
+        th = body.get("thinking")
+        if th is not None:
+            if not isinstance(th, dict) or th.get("type") not in ("enabled", "disabled", "adaptive"):
+                raise Invalid("thinking.type: Input tag does not match any of the expected tags: 'enabled', "
+                              "'disabled', 'adaptive'")
+            if th["type"] == "enabled" and not (isinstance(th.get("budget_tokens"), int)
+                                                 and 1024 <= th["budget_tokens"] < mt):
+                raise Invalid("thinking.enabled.budget_tokens: Input should be at least 1024 and less than max_tokens")
         msgs = body["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise Invalid("messages: at least one message is required")
@@ -159,10 +176,10 @@ class MockAnthropic:
         prev_tool_ids: set[str] = set()
         for i, m in enumerate(msgs):
             role = m.get("role") if isinstance(m, dict) else None
-            if role == "system":
+            if role == "system" and BETA_SYSTEM_TURNS not in betas:
                 raise Invalid('messages: Unexpected role "system". The Messages API accepts a top-level `system` '
                               'parameter, not "system" as an input message role.')
-            if role not in ("user", "assistant"):
+            if role not in ("user", "assistant", "system"):
                 raise Invalid(f"messages.{i}.role: Input should be 'user' or 'assistant'")
             c = m.get("content")
             blocks = [{"type": "text", "text": c}] if isinstance(c, str) else c
@@ -193,7 +210,8 @@ class MockAnthropic:
             schema = tool.get("input_schema")
             if not isinstance(schema, dict) or schema.get("type") != "object":
                 raise Invalid(f"tools.{k}.custom.input_schema.type: Input should be 'object'")
-            extra = set(tool) - {"name", "description", "input_schema", "cache_control", "type"}
+            extra = {k for k in set(tool) - {"name", "description", "input_schema", "cache_control", "type"}
+                     if not (k in BETA_TOOL_KEYS and BETA_TOOL_KEYS[k] in betas)}
             if extra:
                 raise Invalid(f"tools.{k}.custom.{sorted(extra)[0]}: Extra inputs are not permitted")
         tc = body.get("tool_choice")
@@ -262,15 +280,19 @@ class MockAnthropic:
                 parts.append(rc if isinstance(rc, str) else " ".join(x.get("text", "") for x in rc))
         return " ".join(parts)
 
-    def _reply(self, body: dict) -> tuple[list[dict], str, str | None]:
-        last = body["messages"][-1]
+    def _reply(self, body: dict, s: Scripted | None = None) -> tuple[list[dict], str, str | None]:
+        last = [m for m in body["messages"] if m["role"] != "system"][-1]
         c = last["content"]
         is_result = isinstance(c, list) and any(b.get("type") == "tool_result" for b in c)
+        h = hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:20]
+        if s is not None and s.tool:
+            return [{"type": "tool_use", "id": "toolu_" + h, "name": s.tool[0], "input": s.tool[1]}], "tool_use", None
+        if s is not None and s.text is not None:
+            return [{"type": "text", "text": s.text}], "end_turn", None
         tc = body.get("tool_choice") or {"type": "auto"}
         if body.get("tools") and tc["type"] != "none" and last["role"] == "user" and not is_result:
             name = tc["name"] if tc["type"] == "tool" else body["tools"][0]["name"]
             tool = next(t for t in body["tools"] if t["name"] == name)
-            h = hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:20]
             return [{"type": "tool_use", "id": "toolu_" + h, "name": name,
                      "input": TOOL_ARGS if tool["input_schema"].get("properties") else {}}], "tool_use", None
         text = ("The tool said: " if is_result else "echo: ") + self._text(c)
@@ -282,10 +304,7 @@ class MockAnthropic:
             return [{"type": "text", "text": " ".join(words[: body["max_tokens"]])}], "max_tokens", None
         return [{"type": "text", "text": text}], "end_turn", None
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
-        self.requests.append(rec)
+    def _auth(self, request: web.Request) -> web.Response | None:
         key = request.headers.get("x-api-key")
         auth = request.headers.get("Authorization", "")
         if not key and auth.startswith("Bearer "):   # newer SDKs send the key this way; the API takes both
@@ -296,6 +315,37 @@ class MockAnthropic:
             return anthropic_error(401, "authentication_error", "invalid x-api-key")
         if not request.headers.get("anthropic-version"):
             return anthropic_error(400, "invalid_request_error", "anthropic-version: header is required")
+        return None
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """POST /v1/messages/count_tokens: a Messages request without max_tokens; the input tokens it would
+        count (every token the prompt has, cached or not)."""
+        raw = await request.read()
+        self.requests.append({"path": request.path, "headers": dict(request.headers), "raw": raw,
+                              "time": time.time()})
+        err = self._auth(request)
+        if err is not None:
+            return err
+        try:
+            body = json.loads(raw)
+            if "max_tokens" in body:
+                raise Invalid("max_tokens: Extra inputs are not permitted")
+            self._validate({**body, "max_tokens": 1}, request.headers.get("anthropic-beta", ""))
+        except ValueError:
+            return anthropic_error(400, "invalid_request_error", "There was an error parsing the body of your request.")
+        except Invalid as e:
+            return anthropic_error(e.status, e.type, str(e))
+        blocks = self._flat({**body, "messages": body["messages"]})
+        n = sum(tokens_of(json.dumps(b, sort_keys=True) if b.get("type") != "text" else b["text"]) for b in blocks)
+        return web.json_response({"input_tokens": n})
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
+        self.requests.append(rec)
+        err = self._auth(request)
+        if err is not None:
+            return err
         try:
             body = json.loads(raw)
         except ValueError:
@@ -311,10 +361,10 @@ class MockAnthropic:
                     return web.json_response(s.body, status=s.status, headers=s.headers)
                 return web.Response(body=s.body or b"", status=s.status, headers=s.headers)
         try:
-            self._validate(body)
+            self._validate(body, request.headers.get("anthropic-beta", ""))
         except Invalid as e:
             return anthropic_error(e.status, e.type, str(e))
-        content, stop, stop_seq = self._reply(body)
+        content, stop, stop_seq = self._reply(body, s)
         inp, read, creation = self._caching(body)
         out_tokens = max(1, sum(len(b.get("text", json.dumps(b.get("input"))).split()) for b in content))
         msg_id = "msg_" + hashlib.md5(f"{time.time()}{len(self.requests)}".encode()).hexdigest()[:24]

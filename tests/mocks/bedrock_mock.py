@@ -216,7 +216,12 @@ class MockBedrock:
 
     # -- answers ------------------------------------------------------------------------------
     @staticmethod
-    def _reply(body: dict) -> tuple[list[dict], str]:
+    def _reply(body: dict, s: Scripted | None = None) -> tuple[list[dict], str]:
+        tid = "tooluse_" + hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:22]
+        if s is not None and s.tool:
+            return [{"toolUse": {"toolUseId": tid, "name": s.tool[0], "input": s.tool[1]}}], "tool_use"
+        if s is not None and s.text is not None:
+            return [{"text": s.text}], "end_turn"
         last = body["messages"][-1]
         results = [b["toolResult"] for b in last["content"] if "toolResult" in b]
         tc = body.get("toolConfig")
@@ -225,7 +230,6 @@ class MockBedrock:
             name = choice["tool"]["name"] if "tool" in choice else tc["tools"][0]["toolSpec"]["name"]
             spec = next(t["toolSpec"] for t in tc["tools"] if t["toolSpec"]["name"] == name)
             args = TOOL_ARGS if spec["inputSchema"]["json"].get("properties") else {}
-            tid = "tooluse_" + hashlib.md5(json.dumps(body["messages"]).encode()).hexdigest()[:22]
             return [{"toolUse": {"toolUseId": tid, "name": name, "input": args}}], "tool_use"
         if results:
             text = "The tool said: " + " ".join(c.get("text", json.dumps(c.get("json"))) for c in results[0]["content"])
@@ -279,7 +283,7 @@ class MockBedrock:
             self._validate(model, action, body)
         except AwsError as e:
             return aws_error(e.status, e.kind, str(e))
-        content, stop = self._reply(body)
+        content, stop = self._reply(body, s)
         out_tokens = max(1, sum(len(b.get("text", json.dumps(b.get("toolUse"))).split()) for b in content))
         usage = self._usage(model, body, out_tokens)
         if action == "converse":

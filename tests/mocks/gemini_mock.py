@@ -192,7 +192,11 @@ class MockGemini:
         return cached
 
     # -- answers ------------------------------------------------------------------------------
-    def _reply(self, body: dict) -> tuple[list[dict], str]:
+    def _reply(self, body: dict, s: Scripted | None = None) -> tuple[list[dict], str]:
+        if s is not None and s.tool:
+            return [{"functionCall": {"name": s.tool[0], "args": s.tool[1]}}], "STOP"
+        if s is not None and s.text is not None:
+            return [{"text": s.text}], "STOP"
         contents = _get(body, "contents")
         last = contents[-1]
         tools = _get(body, "tools") or []
@@ -285,7 +289,7 @@ class MockGemini:
             obj = {"candidates": cands, "usageMetadata": {**usage, "totalTokenCount": p_tokens},
                    "modelVersion": model, "responseId": rid}
             return await self._send(request, [obj], stream, s)
-        parts, finish = self._reply(body)
+        parts, finish = self._reply(body, s)
         n = (_get(body, "generationConfig") or {}).get("candidateCount") or 1
         out_tokens = max(1, sum(len(p.get("text", json.dumps(p)).split()) for p in parts)) * n
         thoughts = 0 if model.endswith("lite") else 7

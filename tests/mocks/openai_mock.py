@@ -62,6 +62,8 @@ class Scripted:
     delay: float = 0.0
     cut_after: int | None = None       # stream: drop the connection after this many chunks
     error_after: int | None = None     # stream: send an error event after this many chunks
+    tool: tuple[str, dict] | None = None   # answer (streamed or not) with a call of this tool with these arguments
+    text: str | None = None            # answer (streamed or not) with this text
 
 
 class MockOpenAI:
@@ -82,9 +84,16 @@ class MockOpenAI:
         for p in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             self.app.router.add_post(p, self.handle)
         self.app.router.add_get("/v1/models", self.models)
+        self.responses = ResponsesAPI(self)
+        self.app.router.add_post("/v1/responses", self.responses.create)
+        self.app.router.add_post("/v1/responses/compact", self.responses.compact)
+        self.app.router.add_get("/v1/responses/{id}", self.responses.get)
+        self.app.router.add_delete("/v1/responses/{id}", self.responses.delete)
+        self.app.router.add_get("/v1/responses/{id}/input_items", self.responses.input_items)
 
     def reset(self) -> None:
         self.requests.clear()
+        self.responses.stored.clear()
         self.script.clear()
         self.chunk_delay = 0.0
         self.stream_words = 5
@@ -197,10 +206,16 @@ class MockOpenAI:
                                          "this model.", param="messages[0].role", code="unsupported_value")
         return None
 
-    def _reply(self, body: dict, prompt: str) -> tuple[str, list | None, str]:
+    def _reply(self, body: dict, prompt: str, s: Scripted | None = None) -> tuple[str, list | None, str]:
         msgs = body.get("messages") or []
         tools = body.get("tools")
         last = msgs[-1] if msgs else {}
+        if s is not None and s.tool:
+            call = {"id": "call_" + hashlib.md5(prompt.encode()).hexdigest()[:12], "type": "function",
+                    "function": {"name": s.tool[0], "arguments": json.dumps(s.tool[1])}}
+            return "", [call], "tool_calls"
+        if s is not None and s.text is not None:
+            return s.text, None, "stop"
         if tools and body.get("tool_choice") != "none" and last.get("role") == "user":
             fn = tools[0]["function"]
             if isinstance(body.get("tool_choice"), dict):
@@ -229,7 +244,7 @@ class MockOpenAI:
 
     async def _answer(self, request: web.Request, body: dict, prompt: str, s: Scripted | None):
         chat = request.path.endswith("/chat/completions")
-        text, calls, finish = self._reply(body, prompt) if chat else (f"echo: {prompt}", None, "stop")
+        text, calls, finish = self._reply(body, prompt, s) if chat else (f"echo: {prompt}", None, "stop")
         usage = self._usage(prompt, text or json.dumps(calls))
         cid = ("chatcmpl-" if chat else "cmpl-") + hashlib.md5(f"{time.time()}".encode()).hexdigest()[:20]
         created = int(time.time())
@@ -323,3 +338,303 @@ class MockOpenAI:
             data.append({"object": "embedding", "index": i, "embedding": vec})
         return web.json_response({"object": "list", "data": data, "model": body["model"],
                                   "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+
+# -- the Responses API (POST /v1/responses and its stored responses) -------------------------------------
+_RESP_FIELDS = {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
+                "temperature", "top_p", "reasoning", "text", "stream", "store", "previous_response_id", "user",
+                "include", "metadata", "prompt_cache_key", "truncation", "service_tier", "safety_identifier",
+                "stream_options", "background", "prompt", "top_logprobs", "max_tool_calls", "conversation",
+                "client_metadata"}
+_ITEM_TYPES = ("message", "function_call", "function_call_output", "custom_tool_call", "custom_tool_call_output",
+               "reasoning", "local_shell_call", "local_shell_call_output", "item_reference", "web_search_call")
+_PART_TYPES = {"user": {"input_text", "input_image", "input_file"}, "system": {"input_text"},
+               "developer": {"input_text"}, "assistant": {"output_text", "refusal"}}
+_TOOL_KEYS = {"function": {"type", "name", "description", "parameters", "strict"},
+              "custom": {"type", "name", "description", "format"}, "local_shell": {"type"},
+              "namespace": {"type", "name", "description", "tools"},
+              "web_search": {"type", "search_context_size", "user_location", "filters", "external_web_access"},
+              "web_search_preview": {"type", "search_context_size", "user_location"}}
+
+
+class ResponsesAPI:
+    """OpenAI's Responses API as documented: input items and tools checked by type (a chat-style tool,
+    `{"type": "function", "function": {...}}`, is refused as the API refuses it), a tool output must answer
+    a call made earlier in the conversation, `reasoning` only for reasoning models, `previous_response_id`
+    continues a stored response (`store` defaults to true) and GET/DELETE/input_items read them. Streams are
+    the documented event sequence with `sequence_number`s, ending in response.completed or
+    response.incomplete; `Scripted.error_after` sends an `error` event instead, `cut_after` drops the
+    connection. Answers follow the chat mock's: a tool call when tools are offered to a user turn, "The tool
+    said: ..." after a tool output, else "echo: <last user text>"."""
+
+    def __init__(self, mock: "MockOpenAI"):
+        self.mock = mock
+        self.stored: dict[str, dict] = {}      # id -> {"response": ..., "input": [...]}
+
+    # -- checks -------------------------------------------------------------------------------
+    def _check(self, body: dict) -> tuple[list[dict], web.Response | None]:
+        for k in body:
+            if k not in _RESP_FIELDS:
+                return [], openai_error(400, f"Unknown parameter: '{k}'.", param=k, code="unknown_parameter")
+        inp = body.get("input")
+        if isinstance(inp, str):
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": inp}]}]
+        elif isinstance(inp, list):
+            items = inp
+        else:
+            return [], openai_error(400, "Invalid type for 'input': expected one of a string or array of input "
+                                         "items.", param="input", code="invalid_type")
+        history: list[dict] = []
+        prev = body.get("previous_response_id")
+        if prev:
+            st = self.stored.get(prev)
+            if st is None:
+                return [], openai_error(400, f"Previous response with id '{prev}' not found.",
+                                        param="previous_response_id", code="previous_response_not_found")
+            history = st["input"] + st["response"]["output"]
+        calls = {x.get("call_id") for x in history if x.get("type") in ("function_call", "custom_tool_call",
+                                                                        "local_shell_call")}
+        for i, it in enumerate(items):
+            t = it.get("type", "message" if "role" in it else None)
+            if t not in _ITEM_TYPES:
+                return [], openai_error(400, f"Invalid value: '{t}'. Supported values are: "
+                                             f"{', '.join(repr(x) for x in _ITEM_TYPES)}.", param=f"input[{i}].type",
+                                        code="invalid_value")
+            if t == "message":
+                role = it.get("role")
+                if role not in _PART_TYPES:
+                    return [], openai_error(400, f"Invalid value: '{role}'. Supported values are: 'user', 'assistant', "
+                                                 "'system', and 'developer'.", param=f"input[{i}].role")
+                c = it.get("content")
+                for j, p in enumerate(c if isinstance(c, list) else []):
+                    if p.get("type") not in _PART_TYPES[role]:
+                        return [], openai_error(400, f"Invalid value: '{p.get('type')}'. Supported values are: "
+                                                     f"{', '.join(sorted(_PART_TYPES[role]))}.",
+                                                param=f"input[{i}].content[{j}].type")
+            elif t in ("function_call", "custom_tool_call", "local_shell_call"):
+                calls.add(it.get("call_id"))
+            elif t in ("function_call_output", "custom_tool_call_output") and it.get("call_id") not in calls:
+                return [], openai_error(400, f"No tool call found for function call output with call_id "
+                                             f"{it.get('call_id')}.", param="input")
+        for k, tool in enumerate(body.get("tools") or []):
+            keys = _TOOL_KEYS.get(tool.get("type"))
+            if keys is None:
+                return [], openai_error(400, f"Invalid value: '{tool.get('type')}'.", param=f"tools[{k}].type")
+            extra = sorted(set(tool) - keys)
+            if extra:
+                return [], openai_error(400, f"Unknown parameter: 'tools[{k}].{extra[0]}'.", param=f"tools[{k}].{extra[0]}",
+                                        code="unknown_parameter")
+            if tool["type"] in ("function", "custom", "namespace") and not tool.get("name"):
+                return [], openai_error(400, f"Missing required parameter: 'tools[{k}].name'.", param=f"tools[{k}].name")
+        r = body.get("reasoning")
+        if r and r.get("effort") and body["model"] not in REASONING and not body["model"].startswith(("gpt-5", "o3", "o4")):
+            return [], openai_error(400, "Unsupported parameter: 'reasoning.effort' is not supported with this model.",
+                                    param="reasoning.effort", code="unsupported_parameter")
+        return history + items, None
+
+    # -- answers ------------------------------------------------------------------------------
+    @staticmethod
+    def _item_text(it: dict) -> str:
+        if it.get("type", "message") == "message":
+            c = it.get("content")
+            return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+        out = it.get("output", "")
+        return out if isinstance(out, str) else " ".join(p.get("text", "") for p in out if isinstance(p, dict))
+
+    def _output(self, body: dict, items: list[dict], s: Scripted | None) -> tuple[list[dict], str | None]:
+        tools = body.get("tools") or []
+        last = next((x for x in reversed(items) if x.get("type", "message") != "reasoning"
+                     and x.get("role") not in ("system", "developer")), {})
+        kind = last.get("type", "message")
+        h = hashlib.md5(json.dumps(items).encode()).hexdigest()[:16]
+        call = None
+        if s is not None and s.tool:
+            call = s.tool
+        elif (s is None or s.text is None) and tools and body.get("tool_choice") != "none" and kind == "message" \
+                and last.get("role") == "user":
+            fn = next((t for t in tools if t["type"] in ("function", "custom")), None)
+            if fn is not None:
+                call = (fn["name"], TOOL_ARGS if (fn.get("parameters") or {}).get("properties") else {})
+        if call is not None:
+            tool = next((t for t in tools if t.get("name") == call[0]), {"type": "function"})
+            if tool["type"] == "custom":
+                return [{"type": "custom_tool_call", "id": "ctc_" + h, "call_id": "call_" + h, "name": call[0],
+                         "input": call[1].get("input", "") if isinstance(call[1], dict) else call[1],
+                         "status": "completed"}], None
+            return [{"type": "function_call", "id": "fc_" + h, "call_id": "call_" + h, "name": call[0],
+                     "arguments": json.dumps(call[1]), "status": "completed"}], None
+        if s is not None and s.text is not None:
+            text = s.text
+        elif kind.endswith("_output"):
+            text = "The tool said: " + self._item_text(last)
+        else:
+            text = "echo: " + self._item_text(last)
+        words = text.split(" ")
+        limit = body.get("max_output_tokens")
+        incomplete = None
+        if limit and len(words) > limit:
+            text, incomplete = " ".join(words[:limit]), "max_output_tokens"
+        return [{"type": "message", "id": "msg_" + h, "status": "incomplete" if incomplete else "completed",
+                 "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": [],
+                                                   "logprobs": []}]}], incomplete
+
+    def _response(self, body: dict, rid: str, output: list[dict], usage: dict | None, status: str,
+                  incomplete: str | None) -> dict:
+        return {"id": rid, "object": "response", "created_at": int(time.time()), "status": status,
+                "background": False, "error": None,
+                "incomplete_details": {"reason": incomplete} if incomplete else None,
+                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                "model": body["model"] + "-2024-08-06" if body["model"].startswith("gpt-4o") else body["model"],
+                "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
+                "previous_response_id": body.get("previous_response_id"),
+                "reasoning": {"effort": None, "summary": None}, "store": body.get("store", True),
+                "temperature": body.get("temperature", 1.0), "text": body.get("text") or {"format": {"type": "text"}},
+                "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
+                "top_p": body.get("top_p", 1.0), "truncation": "disabled", "usage": usage, "user": None,
+                "metadata": body.get("metadata") or {}}
+
+    def _usage(self, body: dict, items: list[dict], output: list[dict]) -> dict:
+        prompt = (body.get("instructions") or "") + "\n" + "\n".join(self._item_text(x) for x in items)
+        p = tokens_of(prompt)
+        c = max(1, sum(len((self._item_text(x) if x["type"] == "message" else json.dumps(x)).split()) for x in output))
+        return {"input_tokens": p, "input_tokens_details": {"cached_tokens": self.mock._cached(prompt)},
+                "output_tokens": c, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c}
+
+    # -- endpoints ----------------------------------------------------------------------------
+    async def _begin(self, request: web.Request) -> tuple[dict | None, Scripted | None, web.Response | None]:
+        raw = await request.read()
+        rec = {"path": request.path, "headers": dict(request.headers), "raw": raw, "time": time.time()}
+        self.mock.requests.append(rec)
+        if request.headers.get("Authorization") != f"Bearer {self.mock.api_key}":
+            return None, None, openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return None, None, openai_error(400, "We could not parse the JSON body of your request.")
+        rec["json"] = body
+        s = self.mock.script.pop(0) if self.mock.script else None
+        if s is not None and (s.status != 200 or s.body is not None):
+            return None, s, web.json_response(s.body, status=s.status, headers=s.headers)
+        if not body.get("model"):
+            return None, s, openai_error(400, "Missing required parameter: 'model'.", param="model")
+        return body, s, None
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        body, s, err = await self._begin(request)
+        if err is not None:
+            return err
+        items, err = self._check(body)
+        if err is not None:
+            return err
+        output, incomplete = self._output(body, items, s)
+        usage = self._usage(body, items, output)
+        rid = "resp_" + hashlib.md5(f"{time.time()}{len(self.mock.requests)}".encode()).hexdigest()
+        status = "incomplete" if incomplete else "completed"
+        final = self._response(body, rid, output, usage, status, incomplete)
+        if body.get("store", True):
+            new = body["input"] if isinstance(body["input"], list) else items[-1:]
+            prev = self.stored[body["previous_response_id"]]["input"] if body.get("previous_response_id") else []
+            self.stored[rid] = {"response": final, "input": prev + [{"id": f"in_{i}_{rid[5:13]}", **x}
+                                                                      for i, x in enumerate(new)]}
+        if not body.get("stream"):
+            return web.json_response(final)
+        return await self._stream(request, body, final, s)
+
+    async def _stream(self, request: web.Request, body: dict, final: dict, s: Scripted | None):
+        events: list[dict] = []
+        start = {**final, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+        events += [{"type": "response.created", "response": start}, {"type": "response.in_progress", "response": start}]
+        for i, it in enumerate(final["output"]):
+            if it["type"] == "message":
+                text = it["content"][0]["text"]
+                events.append({"type": "response.output_item.added", "output_index": i,
+                               "item": {**it, "status": "in_progress", "content": []}})
+                base = {"item_id": it["id"], "output_index": i, "content_index": 0}
+                events.append({"type": "response.content_part.added", **base,
+                               "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})
+                for k, w in enumerate(text.split(" ")):
+                    events.append({"type": "response.output_text.delta", **base, "delta": w if k == 0 else " " + w,
+                                   "logprobs": []})
+                events.append({"type": "response.output_text.done", **base, "text": text, "logprobs": []})
+                events.append({"type": "response.content_part.done", **base, "part": it["content"][0]})
+            elif it["type"] == "function_call":
+                events.append({"type": "response.output_item.added", "output_index": i,
+                               "item": {**it, "status": "in_progress", "arguments": ""}})
+                for k in range(0, len(it["arguments"]), 7):
+                    events.append({"type": "response.function_call_arguments.delta", "item_id": it["id"],
+                                   "output_index": i, "delta": it["arguments"][k:k + 7]})
+                events.append({"type": "response.function_call_arguments.done", "item_id": it["id"],
+                               "output_index": i, "arguments": it["arguments"]})
+            else:
+                events.append({"type": "response.output_item.added", "output_index": i,
+                               "item": {**it, "status": "in_progress", "input": ""}})
+            events.append({"type": "response.output_item.done", "output_index": i, "item": it})
+        events.append({"type": "response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                       "response": final})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.mock.active_streams += 1
+        try:
+            for n, ev in enumerate(events):
+                ev["sequence_number"] = n
+                if s is not None and s.cut_after is not None and n >= s.cut_after:
+                    request.transport.close()
+                    return resp
+                if s is not None and s.error_after is not None and n >= s.error_after:
+                    await resp.write(b"event: error\ndata: " + json.dumps({
+                        "type": "error", "code": "server_error", "message": "The server had an error while processing "
+                        "your request.", "param": None, "sequence_number": n}).encode() + b"\n\n")
+                    return resp
+                await resp.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode())
+                if self.mock.chunk_delay:
+                    await asyncio.sleep(self.mock.chunk_delay)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.mock.cancelled_streams += 1
+            raise
+        finally:
+            self.mock.active_streams -= 1
+        return resp
+
+    async def compact(self, request: web.Request) -> web.Response:
+        """POST /v1/responses/compact: the conversation in, a shorter one out (`output` items)."""
+        body, s, err = await self._begin(request)
+        if err is not None:
+            return err
+        items, err = self._check({k: v for k, v in body.items() if k in ("model", "input", "instructions")})
+        if err is not None:
+            return err
+        summary = "summary: " + " | ".join(self._item_text(x) for x in items if x.get("type", "message") == "message")
+        output = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": summary}]}]
+        return web.json_response({"id": "resp_" + hashlib.md5(summary.encode()).hexdigest(), "object": "response.compaction",
+                                  "created_at": int(time.time()), "output": output,
+                                  "usage": self._usage(body, items, output)})
+
+    def _find(self, request: web.Request) -> tuple[dict | None, web.Response | None]:
+        self.mock.requests.append({"path": request.path, "headers": dict(request.headers), "raw": b"",
+                                   "time": time.time(), "method": request.method})
+        if request.headers.get("Authorization") != f"Bearer {self.mock.api_key}":
+            return None, openai_error(401, "Incorrect API key provided.", code="invalid_api_key")
+        rid = request.match_info["id"]
+        st = self.stored.get(rid)
+        if st is None:
+            return None, openai_error(404, f"Response with id '{rid}' not found.")
+        return st, None
+
+    async def get(self, request: web.Request) -> web.Response:
+        st, err = self._find(request)
+        return err or web.json_response(st["response"])
+
+    async def delete(self, request: web.Request) -> web.Response:
+        st, err = self._find(request)
+        if err is not None:
+            return err
+        del self.stored[request.match_info["id"]]
+        return web.json_response({"id": request.match_info["id"], "object": "response", "deleted": True})
+
+    async def input_items(self, request: web.Request) -> web.Response:
+        st, err = self._find(request)
+        if err is not None:
+            return err
+        data = list(reversed(st["input"])) if request.query.get("order", "desc") == "desc" else list(st["input"])
+        return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                  "last_id": data[-1]["id"] if data else None, "has_more": False})
