@@ -1,6 +1,6 @@
 """The OpenAPI document against a live gateway: Schemathesis sends what the document allows (and
 what it does not), admin routes with the master key, inference routes with a key and the
-loopback provider mock upstream. No answer may be a server error of the gateway's own, and every
+loopback provider mocks upstream. No answer may be a server error of the gateway's own, and every
 answer must match its documented status, content type and schema."""
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ from schemathesis.checks import (content_type_conformance, not_a_server_error, r
                                  status_code_conformance)
 
 from tests.conftest import MASTER_KEY, running_gateway
+from tests.providers.conftest import mocks  # noqa: F401 - fixture
 
 # The hot path may pass on an upstream's 5xx (documented); the mock upstream never sends one unasked.
 _ADMIN = ("/key/", "/user/update", "/admin/")
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, mock_openai):
-    with running_gateway(tmp_path_factory.mktemp("openapi"), mock_openai) as g:
+def live(tmp_path_factory, mocks):
+    """Every provider family configured, each pointed at its loopback mock."""
+    with running_gateway(tmp_path_factory.mktemp("openapi"), mocks.openai, env=mocks.env()) as g:
         g.key = g.new_key("schemathesis@lbl.gov")
         yield g
 

@@ -19,6 +19,10 @@ from . import health, hotpath_docs, info, keys, models_admin, users
 if TYPE_CHECKING:
     from ..app import Gateway
 
+# Admin bodies are small. FastAPI reads a whole body before any dependency (the master-key check
+# included) runs: without a cap anyone could make it buffer gigabytes.
+MAX_BODY = 1 << 20
+
 DESCRIPTION = """\
 One OpenAI-compatible API for every model the lab offers: local models (`lbl/*`) and commercial
 ones (`openai/*`, `anthropic/*`, `google/*`, `xai/*`, `aws/*`). Authenticate with your key as
@@ -57,6 +61,7 @@ def build(gw: "Gateway") -> FastAPI:
     app.state.gw = gw
     control_errors.install(app)
     app.include_router(hotpath_docs.router)
+    app.include_router(hotpath_docs.agents)
     for r in (keys.router, users.router, info.router):
         app.include_router(r)
         app.include_router(r, prefix="/v1", include_in_schema=False)   # every path under /v1 too
@@ -70,6 +75,7 @@ def build(gw: "Gateway") -> FastAPI:
     return app
 
 
-def wrap(app: FastAPI, max_body_bytes: int = 1 << 20):
-    """The ASGI app the dispatcher falls back to: the control plane behind a body-size cap."""
-    return BodyLimit(app, max_body_bytes)
+def wrap(app: FastAPI):
+    """The ASGI app the dispatcher falls back to: the control plane behind a body-size cap (ours:
+    Starlette's max_body_size answers 413 in plain text, and this API's errors are JSON)."""
+    return BodyLimit(app, MAX_BODY)

@@ -166,3 +166,124 @@ async def models() -> None:
 @router.get("/v1/models/{model}", response_model=Model, summary="One model (also /models/{model})")
 async def model(model: str) -> None:
     _hot_path_only()
+
+
+# -- the coding agents' APIs (router/api/agents.py) --------------------------------------------
+class AnthropicErrorDetail(_Open):
+    type: str
+    message: str
+
+
+class AnthropicError(_Open):
+    """Errors on /v1/messages, in Anthropic's shape (same statuses as the OpenAI surface)."""
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class MessagesRequest(_Open):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "lbl/cborg-chat:latest", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]},
+        {"model": "anthropic/claude-sonnet", "max_tokens": 64, "stream": True,
+         "messages": [{"role": "user", "content": "Hi"}]}]})
+
+    model: str = Field(description="any chat model of the catalog, not only anthropic/*")
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class AnthropicMessage(_Open):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    usage: dict[str, Any]
+
+
+class TokenCount(_Open):
+    input_tokens: int
+
+
+class ResponsesRequest(_Open):
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
+        {"model": "lbl/cborg-coder:latest", "input": "Write hello world in Python", "max_output_tokens": 64},
+        {"model": "openai/gpt-4o-mini", "input": [{"role": "user", "content": "Hi"}], "stream": True,
+         "store": False}]})
+
+    model: str = Field(description="any chat model of the catalog, not only openai/*")
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+class ResponseObject(_Open):
+    id: str
+    object: Literal["response"]
+    created_at: int | float
+    model: str
+    status: str
+    output: list[dict[str, Any]]
+    usage: dict[str, Any] | None = None
+
+
+class ResponseDeleted(_Open):
+    id: str
+    object: str
+    deleted: bool
+
+
+class InputItems(_Open):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    has_more: bool
+
+
+_ANTHROPIC_ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": AnthropicError, "description": v["description"]} for s, v in ERRORS.items()}
+_EVENTS = {"text/event-stream": {"schema": {
+    "type": "object", "required": ["data"], "description": "one server-sent event (`event:` names its type)",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}
+agents = APIRouter(tags=["coding agents (Anthropic Messages, OpenAI Responses)"], dependencies=[Security(bearer)])
+
+
+@agents.post("/v1/messages", response_model=AnthropicMessage, responses={**_ANTHROPIC_ERRORS, 200: {"content": _EVENTS}},
+             summary="Anthropic Messages for every chat model (Claude Code; also /messages; x-api-key works)")
+async def messages(body: MessagesRequest) -> None:
+    _hot_path_only()
+
+
+@agents.post("/v1/messages/count_tokens", response_model=TokenCount, responses=_ANTHROPIC_ERRORS,
+             summary="Input tokens of a Messages request (exact for anthropic/* and local models)")
+async def count_tokens(body: MessagesRequest) -> None:
+    _hot_path_only()
+
+
+@agents.post("/v1/responses", response_model=ResponseObject, responses={**ERRORS, 200: {"content": _EVENTS}},
+             summary="OpenAI Responses for every chat model (Codex; also /responses)")
+async def responses(body: ResponsesRequest) -> None:
+    _hot_path_only()
+
+
+@agents.get("/v1/responses/{response_id}", response_model=ResponseObject, responses=ERRORS,
+            summary="A stored response (only the key that made it)")
+async def get_response(response_id: str) -> None:
+    _hot_path_only()
+
+
+@agents.delete("/v1/responses/{response_id}", response_model=ResponseDeleted, responses=ERRORS,
+               summary="Delete a stored response (only the key that made it)")
+async def delete_response(response_id: str) -> None:
+    _hot_path_only()
+
+
+@agents.get("/v1/responses/{response_id}/input_items", response_model=InputItems, responses=ERRORS,
+            summary="The input items of a stored response")
+async def input_items(response_id: str) -> None:
+    _hot_path_only()

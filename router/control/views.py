@@ -261,4 +261,5 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or invalid key"),
         (403, "Not allowed"),
         (404, "Not found"),
+        (413, "Request body too large"),
     )}
