@@ -12,7 +12,6 @@ the status gives them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import os
@@ -30,6 +29,7 @@ from common import control_errors
 from common.asgi import HTTPError
 from common.body_limit import BodyLimit
 from common.paths import cborg_home
+from common.tasks import lifespan
 
 from . import gpus as gpu_mod
 from .config import DeploymentConf, InferenceConf, NodeConf
@@ -195,15 +195,8 @@ def build_app(node: Node, token: str) -> BodyLimit:
         if not hmac.compare_digest(got, want):
             raise HTTPError(401, "This node's admin API needs the node token.", code="invalid_node_token")
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await node.start()
-        try:
-            yield
-        finally:
-            await node.shutdown()
-
-    app = FastAPI(title=f"CBorg inference node {node.node.name}", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title=f"CBorg inference node {node.node.name}", lifespan=lifespan(node.start, node.shutdown),
+                  docs_url=None, redoc_url=None)
     app.state.node = node
     control_errors.install(app)
     guarded = [Depends(check)]

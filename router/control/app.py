@@ -3,7 +3,6 @@ Swagger UI at /docs (assets from the installed `fastapi-offline` package: lab ne
 have no CDN), a landing page at /, and the gateway's lifespan (start and stop)."""
 from __future__ import annotations
 
-import contextlib
 import html
 from typing import TYPE_CHECKING
 
@@ -13,6 +12,7 @@ from starlette.responses import HTMLResponse
 
 from common import control_errors
 from common.body_limit import BodyLimit
+from common.tasks import lifespan
 
 from . import health, hotpath_docs, info, keys, models_admin, users
 
@@ -48,15 +48,7 @@ a{color:#0b5cad}code{background:#f2f2f2;padding:0 .25rem}</style></head>
 
 
 def build(gw: "Gateway") -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await gw.start()
-        try:
-            yield
-        finally:
-            await gw.stop()
-
-    app = FastAPIOffline(title="CBorg API", version="1", description=DESCRIPTION, lifespan=lifespan,
+    app = FastAPIOffline(title="CBorg API", version="1", description=DESCRIPTION, lifespan=lifespan(gw.start, gw.stop),
                          static_url="/docs/assets", redoc_url=None)
     app.state.gw = gw
     control_errors.install(app)

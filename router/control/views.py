@@ -124,16 +124,9 @@ class ErrorResponse(_Doc):
     error: ErrorDetail
 
 
-class KeyInfo(_Doc):
-    key_id: str
-    key_name: str
-    key_alias: str | None
+class SpendAndLimits(_Doc):
+    """Spend of the current budget period and the limits that apply (own, else models.yaml's)."""
     user_id: str
-    models: list[str]
-    created_at: str | None
-    expires: str | None
-    blocked: bool
-    revoked: bool
     spend: float
     max_budget: float | None
     budget_duration: str | None
@@ -142,6 +135,17 @@ class KeyInfo(_Doc):
     max_parallel_requests: int | None
     rpm_limit: int | None
     tpm_limit: int | None
+
+
+class KeyInfo(SpendAndLimits):
+    key_id: str
+    key_name: str
+    key_alias: str | None
+    models: list[str]
+    created_at: str | None
+    expires: str | None
+    blocked: bool
+    revoked: bool
     metadata: dict[str, Any]
 
 
@@ -179,16 +183,7 @@ class KeysDeleted(_Doc):
     deleted_keys: list[str]
 
 
-class UserInfoBody(_Doc):
-    user_id: str
-    spend: float
-    max_budget: float | None
-    budget_duration: str | None
-    budget_reset_at: str | None
-    budget_applies_to: str
-    max_parallel_requests: int | None
-    rpm_limit: int | None
-    tpm_limit: int | None
+class UserInfoBody(SpendAndLimits):
     limits_set: dict[str, Any]
 
 
