@@ -56,6 +56,21 @@ def _unexpected(obj: dict, allowed: set, where: str) -> web.Response | None:
                              f"unexpected) - '{where}'", param=where)
 
 
+def _quoted_schema(text: str) -> dict | None:
+    """The first JSON Schema (an object with "properties") written out in `text`."""
+    dec = json.JSONDecoder()
+    i = text.find("{")
+    while i >= 0:
+        try:
+            obj, _ = dec.raw_decode(text, i)
+            if isinstance(obj, dict) and "properties" in obj:
+                return obj
+        except ValueError:
+            pass
+        i = text.find("{", i + 1)
+    return None
+
+
 def _objects(schema, where: tuple):
     """Every object schema inside `schema`, with where it is (as OpenAI's errors say it)."""
     if isinstance(schema, dict):
@@ -285,8 +300,9 @@ class MockOpenAI:
         rf = body.get("response_format") or {}
         if rf.get("type") == "json_schema":
             return json.dumps(instance(rf["json_schema"]["schema"])), None, "stop"
-        if rf.get("type") == "json_object":
-            return json.dumps({"echo": _text(last.get("content"))}), None, "stop"
+        if rf.get("type") == "json_object":   # a model following a schema quoted in the prompt, as instructor's JSON mode asks
+            schema = _quoted_schema(" ".join(_text(m.get("content")) for m in msgs))
+            return json.dumps(instance(schema) if schema else {"echo": _text(last.get("content"))}), None, "stop"
         text = f"echo: {_text(last.get('content')) if msgs else prompt}"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         words = text.split()
