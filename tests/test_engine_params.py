@@ -81,6 +81,8 @@ def test_tool_choice_auto_is_refused_with_the_way_out():
     assert refused({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}
                    ).param == "tool_choice"
     assert refused({"tools": [{"type": "function"}], "tool_choice": "required"}).param == "tools[0]"
+    assert refused({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+                    "tool_choice": "required"}).param == "tools[0]"
     p = plan({"messages": MSGS, "tools": [WEATHER], "tool_choice": "none"}, "chat", VOCAB)
     assert p.grammar is None and p.tool is None and not p.tool_list
 
@@ -106,6 +108,11 @@ def test_grammars_fix_the_output_shape():
               "additionalProperties": False}
     g = json_grammar(schema)
     assert _accepts(g, '{"n": 3}') and not _accepts(g, '{"n": "3"}') and not _accepts(g, '{ "n":3}')
+    # declared properties only, unless the schema allows more (as vLLM reads schemas)
+    open_ = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    assert not _accepts(json_grammar(open_), '{"n": 3, "m": 4}') and _accepts(json_grammar(open_), "{}")
+    assert _accepts(json_grammar({**open_, "additionalProperties": True}), '{"n": 3, "m": 4}')
+    assert _accepts(json_grammar({"type": "object"}), '{"m": [1, {"k": null}]}')      # json_object: any object
     tools = [("weather", WEATHER["function"]["parameters"]), ("clock", CLOCK["function"]["parameters"])]
     many = tool_calls_grammar(tools, parallel=True)
     text = '[{"name": "clock", "parameters": {"tz": "UTC"}}, {"name": "weather", "parameters": {"city": "Oslo"}}]'

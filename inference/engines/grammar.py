@@ -9,7 +9,8 @@ arguments) a few lines. Its tokenizer index takes seconds to build for a large v
 is built once, beside the model's loading (`Grammars`).
 
 JSON is generated compact, with fixed separators (`", "`, `": "`): a small model left free to
-add whitespace may add it forever.
+add whitespace may add it forever. For the same reason, an object with declared properties takes
+no undeclared ones unless its schema allows them explicitly (vLLM's default reading, with xgrammar).
 """
 from __future__ import annotations
 
@@ -25,10 +26,29 @@ class GrammarError(ValueError):
     """A schema or grammar the library cannot compile; the message says why."""
 
 
+def _closed(schema):
+    """Objects with declared properties take no others unless the schema says so, as vLLM's default
+    (xgrammar's strict mode) reads them: a small model otherwise invents keys until max_tokens."""
+    if isinstance(schema, list):
+        return [_closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: (_closed(v) if k in _SUBSCHEMAS else v) for k, v in schema.items()}
+    for k in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(out.get(k), dict):
+            out[k] = {name: _closed(v) for name, v in out[k].items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = {"items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties", "not", "if", "then", "else"}
+
+
 def _json(schema: dict) -> str:
     if not isinstance(schema, dict):
         raise GrammarError("a JSON Schema must be an object")
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_STYLE})
+    return "%json " + json.dumps({**_closed(schema), "x-guidance": _JSON_STYLE})
 
 
 def _lit(text: str) -> str:

@@ -200,8 +200,8 @@ def _output(body: dict, op: str, p: Plan) -> None:
                 or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise bad(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.", f"tools[{k}]")
         params = fn.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise bad(f"tools[{k}].function.parameters must be a JSON Schema object.", f"tools[{k}]")
+        if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
+            raise bad(f"tools[{k}].function.parameters must be a JSON Schema of type 'object'.", f"tools[{k}]")
         fns[fn["name"]] = params or {"type": "object", "properties": {}}
     p.tools = tools
     if choice is None or choice == "auto":
