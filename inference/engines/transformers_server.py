@@ -170,7 +170,7 @@ class TransformersEngine:
                             param=what, code="context_length_exceeded")
         return mt if mt is not None else min(self.conf.default_max_tokens, limit - prompt_len)
 
-    def chat_ids(self, body: dict, p: Plan) -> list[int]:
+    def chat_ids(self, body: dict, tools: list[dict] | None = None) -> list[int]:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise HTTPError(400, "'messages' must be a non-empty list.", param="messages")
@@ -182,7 +182,7 @@ class TransformersEngine:
                         raise HTTPError(400, f"messages[{i}]: the model '{self.name}' takes text only.",
                                         param=f"messages[{i}].content")
         try:
-            return self.lm.chat_ids(msgs, p.tools or None)
+            return self.lm.chat_ids(msgs, tools or None)
         except HTTPError:
             raise
         except Exception as e:  # noqa: BLE001 - template errors are the caller's
@@ -227,7 +227,7 @@ class TransformersEngine:
 
     async def complete(self, op: str, body: dict):
         p = plan(body, op, self.lm.vocab_size)
-        prompts = [self.chat_ids(body, p)] if op == "chat" else self.prompts(body)
+        prompts = [self.chat_ids(body, p.tools)] if op == "chat" else self.prompts(body)
         what = "messages" if op == "chat" else "prompt"
         choices = []
         for ids in prompts:
@@ -389,7 +389,9 @@ def build_app(spec: Spec):
         gateway's exact count_tokens for local models)."""
         check(req)
         body = await _json(req)
-        ids = await asyncio.to_thread(engine.chat_ids if "messages" in body else engine.prompt_ids, body)
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        ids = await asyncio.to_thread(lambda: engine.chat_ids(body, tools) if "messages" in body
+                                      else engine.prompts(body)[0])
         return json_response({"count": len(ids), "max_model_len": engine.lm.max_model_len, "tokens": ids})
 
     app.route("/chat/completions", "POST", chat)
