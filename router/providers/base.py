@@ -78,6 +78,9 @@ def bad_request(msg: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, msg, param=param, code="invalid_request_error")
 
 
+JSON_TOOL = "json_tool_call"   # the forced tool that carries response_format where a provider has no JSON mode
+
+
 def function_tools(body: dict) -> list[tuple[int, dict]]:
     """The caller's `tools` as (index, function), checked to be OpenAI function tools."""
     tools = body.get("tools")
@@ -96,9 +99,6 @@ def function_tools(body: dict) -> list[tuple[int, dict]]:
                               "response_format to providers without a JSON mode).", f"tools[{k}]")
         out.append((k, fn))
     return out
-
-
-JSON_TOOL = "json_tool_call"   # the forced tool that carries response_format where a provider has no JSON mode
 
 
 def json_format(body: dict) -> dict | None:
