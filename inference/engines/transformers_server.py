@@ -181,6 +181,9 @@ class TransformersEngine:
                     if not isinstance(part, dict) or part.get("type") != "text":
                         raise HTTPError(400, f"messages[{i}]: the model '{self.name}' takes text only.",
                                         param=f"messages[{i}].content")
+        # An assistant turn that only called tools has no content: templates that know nothing of tools
+        # (most small models') concatenate it, so it is rendered as empty text.
+        msgs = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in msgs]
         try:
             return self.lm.chat_ids(msgs, tools or None)
         except HTTPError:
