@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 import time
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
@@ -23,7 +24,7 @@ from .limits.policy import Policy
 from .metrics import Metrics
 from .nodes import NodeRegistry
 from .pipeline import Pipeline
-from .providers import make_endpoint
+from .providers import make_endpoint, token_arrays
 from .providers.base import Endpoint
 from .store import open_store
 from .upstream import UpstreamPool
@@ -100,6 +101,10 @@ class Gateway:
             await self.nodes.start()   # some local model has no base_url: nodes serve it
         for hook in self.after_start:
             await hook()
+        if any(m.mode == "embedding" and not self.catalog.providers[m.provider].takes_token_ids
+               for m in self.catalog.models.values()):
+            # cl100k for token-array embedding inputs: loading it takes seconds, so not on a request.
+            threading.Thread(target=token_arrays.warm, name="cl100k", daemon=True).start()
 
     async def stop(self) -> None:
         await stop_task(self.purge)

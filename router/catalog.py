@@ -49,6 +49,9 @@ class ProviderConf(_Strict):
     # The upstream serves OpenAI's Responses API itself (OpenAI): /v1/responses requests to its models are
     # passed through as sent, not translated to chat.
     native_responses: bool = False
+    # Embeddings: the upstream reads token arrays as OpenAI's tokens (cl100k) and takes them as
+    # they are. Otherwise the gateway decodes them to text first (router/providers/token_arrays.py).
+    takes_token_ids: bool = False
     headers: dict[str, str] = {}
     timeouts: TimeoutsConf = TimeoutsConf()
     retry: RetryConf = RetryConf()
@@ -77,6 +80,9 @@ class ModelConf(_Strict):
     supports_system_messages: bool = True
     supports_reasoning: bool = False
     supports_reasoning_effort: bool | None = None   # None: as supports_reasoning (o1-mini says false)
+    # The provider's own structured outputs (JSON Schema response_format). Anthropic models without
+    # them get response_format through a forced tool instead (router/providers/anthropic.py).
+    supports_response_schema: bool = False
     price: Price = Price()
     aliases: list[str] = []
     params: dict[str, Any] = {}          # defaults applied when the caller leaves them out
@@ -84,6 +90,13 @@ class ModelConf(_Strict):
     api_key_env: str | None = None
     fallbacks: list[str] = []
     system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _chat_only(self) -> "ModelConf":
+        if self.mode == "embedding" and self.supports_response_schema:
+            raise ValueError(f"{self.name}: supports_response_schema is for chat models; this one is an "
+                             "embedding model")
+        return self
 
 
 class AliasConf(_Strict):

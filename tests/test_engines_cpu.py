@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 import httpx
@@ -119,8 +120,17 @@ def test_completions_endpoint(client, tokenizer):
     r = client.completions.create(model="lbl/llama", prompt="The capital of France is", max_tokens=4, temperature=0)
     assert r.model == "google/gemma-3-270m" and r.choices[0].text
     assert r.usage.prompt_tokens == len(tokenizer("The capital of France is")["input_ids"])
-    with pytest.raises(openai.BadRequestError, match="Token arrays"):
-        client.completions.create(model="lbl/llama", prompt=[1, 2, 3], max_tokens=4)
+    ids = tokenizer("The capital of France is")["input_ids"]
+    t = client.completions.create(model="lbl/llama", prompt=ids, max_tokens=4, temperature=0)
+    assert t.choices[0].text == r.choices[0].text and t.usage.prompt_tokens == len(ids)
+    both = client.completions.create(model="lbl/llama", prompt=[ids, "The capital of France is"], max_tokens=4,
+                                     temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert {c.text for c in both.choices} == {r.choices[0].text}
+    assert both.usage.prompt_tokens == 2 * len(ids) and both.usage.completion_tokens == 16
+    with pytest.raises(openai.BadRequestError, match="token ids") as e:
+        client.completions.create(model="lbl/llama", prompt=[10 ** 9], max_tokens=4)
+    assert e.value.body["param"] == "prompt"
 
 
 def test_context_limit_is_a_400_naming_it(client):
@@ -216,9 +226,29 @@ def test_dimensions_truncate_and_renormalize(client, st_model):
     np.testing.assert_allclose(native, full / np.linalg.norm(full), atol=1e-5)
 
 
+def test_embedding_token_arrays_are_embedded_as_their_text(client, stack):
+    """cl100k token arrays (what LangChain's OpenAIEmbeddings sends) are decoded at the gateway:
+    the vectors are those of the text. The engine itself still takes text only."""
+    import bpe_openai
+    enc = bpe_openai.get_encoding("cl100k_base")
+    docs = ["Cats eat fish.", "Dogs like bones."]
+    want = client.embeddings.create(model="lbl/nomic-embed-text", input=docs, encoding_format="float")
+    got = client.embeddings.create(model="lbl/nomic-embed-text", input=[enc.encode(d) for d in docs],
+                                   encoding_format="float")
+    np.testing.assert_allclose([x.embedding for x in got.data], [x.embedding for x in want.data], atol=1e-6)
+    one = client.embeddings.create(model="lbl/nomic-embed-text", input=enc.encode(docs[0]), encoding_format="float")
+    q = client.embeddings.create(model="lbl/nomic-embed-text", input=docs[0], encoding_format="float")
+    np.testing.assert_allclose(one.data[0].embedding, q.data[0].embedding, atol=1e-6)   # one array: a query
+    with pytest.raises(openai.BadRequestError, match="cl100k"):
+        client.embeddings.create(model="lbl/nomic-embed-text", input=[[1, -5]])
+    node, gw = stack
+    eng = node.deployment("embed-t")
+    r = httpx.post(eng["url"] + "/embeddings", headers={"Authorization": f"Bearer {eng['api_key']}"},
+                   json={"model": "x", "input": [[1, 2, 3]]})
+    assert r.status_code == 400 and "Token arrays are not supported" in r.json()["error"]["message"]
+
+
 def test_embedding_input_errors(client):
-    with pytest.raises(openai.BadRequestError, match="Token arrays are not supported"):
-        client.embeddings.create(model="lbl/nomic-embed-text", input=[[1, 2, 3]])
     with pytest.raises(openai.BadRequestError, match=r"input\[1\] is \d+ tokens long .*at most 256 tokens"):
         client.embeddings.create(model="lbl/nomic-embed-text", input=["short", "word " * 400])
 
@@ -254,3 +284,95 @@ def test_engines_are_not_reachable_without_their_key(stack):
     r = httpx.post(eng["url"] + "/embeddings", json={"model": "x", "input": "hi"})
     assert r.status_code == 401
     assert eng["url"].startswith("http://127.0.0.1:")
+
+
+# -- structured outputs, tools and the other parameters ------------------------------------------------
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+    "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "PST"]}}, "required": ["tz"],
+    "additionalProperties": False}}}
+
+
+def test_json_schema_is_followed_streamed_or_not(client):
+    """Even a small base model answers with JSON valid against the schema (grammar-constrained)."""
+    import jsonschema_rs
+    kw = dict(model="lbl/llama", messages=MSGS, max_tokens=40, temperature=0,
+              response_format={"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": PERSON}})
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema_rs.validate(PERSON, json.loads(r.choices[0].message.content))
+    s = list(client.chat.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in s if c.choices) == r.choices[0].message.content
+    o = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=40, temperature=0.8, seed=1,
+                                       response_format={"type": "json_object"})
+    if o.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(o.choices[0].message.content), dict)
+    else:                                     # cut by max_tokens: a prefix of an object
+        assert o.choices[0].message.content.startswith("{")
+
+
+def test_tool_choice_required_and_named(client):
+    import jsonschema_rs
+    r = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=60, temperature=0,
+                                       tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    schema = {"weather": WEATHER, "clock": CLOCK}[call.function.name]["function"]["parameters"]
+    jsonschema_rs.validate(schema, json.loads(call.function.arguments))
+    assert call.id.startswith("chatcmpl-tool-")
+    kw = dict(model="lbl/llama", messages=MSGS, max_tokens=40, temperature=0, tools=[WEATHER, CLOCK],
+              tool_choice={"type": "function", "function": {"name": "clock"}})
+    n = client.chat.completions.create(**kw).choices[0]
+    assert n.finish_reason == "stop" and n.message.tool_calls[0].function.name == "clock"   # as vLLM (and OpenAI)
+    assert json.loads(n.message.tool_calls[0].function.arguments)["tz"] in ("UTC", "PST")
+    chunks = [ch for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
+    deltas = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or ()]
+    assert deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "clock"
+    assert deltas[0].function.arguments == ""
+    assert all(d.index == 0 and d.id is None for d in deltas[1:])
+    assert "".join(d.function.arguments for d in deltas) == n.message.tool_calls[0].function.arguments
+    with pytest.raises(openai.BadRequestError) as e:          # auto (the default): not trained for tools
+        client.chat.completions.create(model="lbl/llama", messages=MSGS, tools=[WEATHER])
+    assert e.value.body["param"] == "tool_choice"
+
+
+def test_logprobs_n_and_logit_bias(client, tokenizer):
+    r = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3, n=2)
+    assert len(r.choices) == 2 and r.choices[0].message.content == r.choices[1].message.content
+    lp = r.choices[0].logprobs.content
+    assert len(lp) == 4 and "".join(t.token for t in lp) == r.choices[0].message.content
+    for t in lp:      # greedy: the chosen token is the most likely, and it is listed first
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    assert r.usage.completion_tokens == 8
+    s = [c for c in client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=4, temperature=0,
+                                                   logprobs=True, stream=True) if c.choices]
+    assert [t.token for c in s if c.choices[0].logprobs for t in c.choices[0].logprobs.content] == [t.token for t in lp]
+    forced = tokenizer(" banana", add_special_tokens=False)["input_ids"][0]
+    b = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=3, temperature=0,
+                                       logit_bias={str(forced): 100})
+    assert b.choices[0].message.content == tokenizer.decode([forced] * 3)
+    c = client.completions.create(model="lbl/llama", prompt="The capital of France is", max_tokens=3, temperature=0,
+                                  logprobs=2)
+    assert c.choices[0].logprobs.tokens and len(c.choices[0].logprobs.token_logprobs) == 3
+    assert c.choices[0].logprobs.text_offset[0] == 0
+
+
+@pytest.mark.parametrize("extra,param", [({"echo": True}, "echo"), ({"reasoning_effort": "high"}, None),
+                                          ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+                                          ({"top_logprobs": 3}, "top_logprobs")])
+def test_parameters_the_engine_cannot_honour_are_named(client, extra, param):
+    """reasoning_effort never reaches a model the catalog says does not reason (the gateway drops it)."""
+    if param is None:
+        client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=1, extra_body=extra)
+        return
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=1, extra_body=extra)
+    assert e.value.body["param"] == param

@@ -2,12 +2,18 @@
 
 One request generates at a time (a single worker thread: a CPU has no spare capacity for two,
 and interleaving would only slow both); the others wait in a bounded queue, and when it is
-full the engine answers 503 with retry-after. A client that goes away, streaming or not, stops
+full the engine answers 503 with retry-after. A request's choices (`n`, or a list of prompts on
+/completions) are generated one after another. A client that goes away, streaming or not, stops
 its generation at the next token, so that it does not hold the worker for its max_tokens. Stop
 strings are matched on the decoded text and cut from it; text that could still become a stop
 string is held back from the stream until it is known not to. Usage counts the tokenizer's
 tokens: the prompt as the chat template renders it, and every generated token (an end-of-turn
 token included, as vLLM counts it).
+
+What a request may ask and how it is read: params.py (every parameter honoured or refused).
+`response_format` and a forced `tool_choice` are followed by grammar-constrained decoding
+(grammar.py); tool calls come out in OpenAI's shapes, streamed as deltas (tool_calls.py); as vLLM
+does, `required` ends with finish_reason "tool_calls" and a named function with "stop".
 
     python -m inference.engines.transformers_server --spec FILE    (the node starts it)
 """
@@ -18,14 +24,19 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, AsyncIterator, Callable
 
 import orjson
 
 from common.asgi import CancelOnDisconnect, HTTPError, Request, StreamResponse, json_response
 
-from .causal_lm import CausalLM, Sampling
-from .server import KeyCheck, Spec, base_app, field, new_id, now, serve
+from . import logprobs
+from .causal_lm import CausalLM, Sampling, Step
+from .grammar import GrammarError
+from .params import MAX_N, Plan, plan
+from .server import KeyCheck, Spec, base_app, new_id, now, serve
+from .tool_calls import ToolCalls
 
 log = logging.getLogger("cborg.engine")
 
@@ -54,28 +65,37 @@ def _held_back(text: str, stops: list[str]) -> int:
     return hold
 
 
-class Run:
-    """One request's generation, driven in the worker thread."""
+class Choice:
+    """One choice's generation, driven in the worker thread: its text, finish reason, token count
+    and (when asked) log probabilities. `emit(kind, index, text, steps)` is called as it goes:
+    ("start"), ("text": a piece of text released, with the steps that made it), ("end")."""
 
-    def __init__(self, ids: list[int], sampling: Sampling, stops: list[str],
-                 on_text: Callable[[str], None] | None):
+    def __init__(self, index: int, ids: list[int], sampling: Sampling, stops: list[str], grammar: str | None):
+        self.index = index
         self.ids = ids
         self.sampling = sampling
         self.stops = stops
-        self.on_text = on_text
-        self.cancel = threading.Event()
+        self.grammar = grammar
         self.text = ""
         self.finish = "length"
         self.completion_tokens = 0
+        self.steps: list[Step] = []          # with log probabilities only
 
-    def __call__(self, lm: CausalLM) -> "Run":
-        if self.cancel.is_set():
-            return self
+    def run(self, lm: CausalLM, cancel: threading.Event, emit: Emit | None) -> None:
         out: list[int] = []
         sent = 0
+        held: list[Step] = []                # steps whose text is not released yet
+        want_lp = self.sampling.logprobs is not None
         longest = max((len(s) for s in self.stops), default=0)
-        for tok in lm.tokens(self.ids, self.sampling, self.cancel):
+        constraint = lm.grammars.matcher(self.grammar) if self.grammar else None
+        if emit is not None:
+            emit("start", self.index, "", [])
+        for step in lm.tokens(self.ids, self.sampling, cancel, constraint):
+            tok = step.token
             out.append(tok)
+            if want_lp:
+                self.steps.append(step)
+                held.append(step)
             if tok in lm.stop_ids:
                 self.finish = "stop"
                 break
@@ -91,12 +111,36 @@ class Run:
                 break
             self.text = text
             ready = len(text) - _held_back(text, self.stops)
-            if self.on_text is not None and ready > sent:
-                self.on_text(text[sent:ready])
+            if emit is not None and ready > sent:
+                emit("text", self.index, text[sent:ready], held)
+                held = []
                 sent = ready
+        else:
+            if constraint is not None and constraint.done:
+                self.finish = "stop"
         self.completion_tokens = len(out)
-        if self.on_text is not None and len(self.text) > sent:
-            self.on_text(self.text[sent:])
+        if emit is not None:
+            if len(self.text) > sent or held:
+                emit("text", self.index, self.text[sent:], held)
+            emit("end", self.index, self.finish, [])
+
+
+Emit = Callable[[str, int, str, list], None]
+
+
+class Job:
+    """A request's choices, generated one after another in the worker thread."""
+
+    def __init__(self, choices: list[Choice], emit: Emit | None):
+        self.choices = choices
+        self.emit = emit
+        self.cancel = threading.Event()
+
+    def __call__(self, lm: CausalLM) -> "Job":
+        for c in self.choices:
+            if self.cancel.is_set():
+                break
+            c.run(lm, self.cancel, self.emit)
         return self
 
 
@@ -109,73 +153,63 @@ class TransformersEngine:
         self.conf = conf
         self.lm = CausalLM(spec.weights, conf.device, conf.dtype, tpl.read_text() if tpl else None,
                            conf.threads, dep.max_model_len)
+        self.lm.grammars    # llguidance's index of the vocabulary: built now, in a thread, not on first use
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
         self.admitted = 0
         self.stats: dict[str, Any] = {"deployment": dep.name, "requests": 0, "running": 0, "queued": 0,
                                       "max_model_len": self.lm.max_model_len}
 
     # -- request parsing ---------------------------------------------------------------
-    def sampling(self, body: dict, prompt_len: int, what: str) -> tuple[Sampling, list[str]]:
-        n = field(body, "n", (int,), 1)
-        if n != 1:
-            raise HTTPError(400, "This engine returns one choice per request: 'n' must be 1.", param="n")
-        mt = field(body, "max_completion_tokens", (int,)) or field(body, "max_tokens", (int,))
-        limit = self.lm.max_model_len
-        if mt is not None and mt < 1:
-            raise HTTPError(400, "'max_tokens' must be at least 1.", param="max_tokens")
+    def budget(self, p: Plan, prompt_len: int, what: str) -> int:
+        """The completion's token budget, or the OpenAI-shaped context-length 400."""
+        mt, limit = p.max_tokens, self.lm.max_model_len
         if prompt_len + (mt or 1) > limit:
             raise HTTPError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                  f"{prompt_len + (mt or 1)} tokens ({prompt_len} in the {what}, {mt or 1} in the "
                                  "completion). Please reduce the length of the input or completion.",
                             param=what, code="context_length_exceeded")
-        if mt is None:
-            mt = min(self.conf.default_max_tokens, limit - prompt_len)
-        temp = field(body, "temperature", (int, float), 1.0)
-        if not 0 <= temp <= 2:
-            raise HTTPError(400, "'temperature' must be between 0 and 2.", param="temperature")
-        top_p = field(body, "top_p", (int, float), 1.0)
-        if not 0 < top_p <= 1:
-            raise HTTPError(400, "'top_p' must be greater than 0 and at most 1.", param="top_p")
-        seed = field(body, "seed", (int,))
-        stop = body.get("stop")
-        stops = [stop] if isinstance(stop, str) else stop or []
-        if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-            raise HTTPError(400, "'stop' must be a non-empty string or a list of up to 4 of them.", param="stop")
-        return Sampling(mt, float(temp), float(top_p), seed), stops
+        return mt if mt is not None else min(self.conf.default_max_tokens, limit - prompt_len)
 
-    def chat_ids(self, body: dict) -> list[int]:
+    def chat_ids(self, body: dict, tools: list[dict] | None = None) -> list[int]:
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise HTTPError(400, "'messages' must be a non-empty list.", param="messages")
-        if body.get("tools"):
-            raise HTTPError(400, f"The model '{self.name}' served by this engine does not take tools.",
-                            param="tools")
         for i, m in enumerate(msgs):
             c = m.get("content") if isinstance(m, dict) else None
             if isinstance(c, list):
-                for p in c:
-                    if not isinstance(p, dict) or p.get("type") != "text":
+                for part in c:
+                    if not isinstance(part, dict) or part.get("type") != "text":
                         raise HTTPError(400, f"messages[{i}]: the model '{self.name}' takes text only.",
                                         param=f"messages[{i}].content")
+        # An assistant turn that only called tools has no content: templates that know nothing of tools
+        # (most small models') concatenate it, so it is rendered as empty text.
+        msgs = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m for m in msgs]
         try:
-            return self.lm.chat_ids(msgs)
+            return self.lm.chat_ids(msgs, tools or None)
         except HTTPError:
             raise
         except Exception as e:  # noqa: BLE001 - template errors are the caller's
             raise HTTPError(400, f"The messages cannot be rendered with the chat template: {e}",
                             param="messages") from None
 
-    def prompt_ids(self, body: dict) -> list[int]:
+    def prompts(self, body: dict) -> list[list[int]]:
+        """/completions' prompt: a string, a token array, or a list of either (one choice each)."""
         p = body.get("prompt")
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
-            p = p[0]
-        if isinstance(p, list) and p and all(isinstance(x, int) for x in p) or \
-                isinstance(p, list) and p and all(isinstance(x, list) for x in p):
-            raise HTTPError(400, "Token arrays as prompt are not supported: send the prompt as a string.",
+        if isinstance(p, str) or (isinstance(p, list) and p and all(_is_id(x) for x in p)):
+            p = [p]
+        if not isinstance(p, list) or not p or len(p) > MAX_N:
+            raise HTTPError(400, f"'prompt' must be a string, a token array, or a list of 1 to {MAX_N} of either.",
                             param="prompt")
-        if not isinstance(p, str):
-            raise HTTPError(400, "'prompt' must be a string (or a list of one string).", param="prompt")
-        return self.lm.prompt_ids(p)
+        out = []
+        for i, x in enumerate(p):
+            if isinstance(x, str):
+                out.append(self.lm.prompt_ids(x))
+            elif isinstance(x, list) and x and all(_is_id(t) and t < self.lm.vocab_size for t in x):
+                out.append(list(x))
+            else:
+                raise HTTPError(400, f"prompt[{i}] must be a string or a non-empty list of token ids (0 to "
+                                     f"{self.lm.vocab_size - 1}).", param="prompt")
+        return out
 
     # -- running -----------------------------------------------------------------------
     def admit(self) -> None:
@@ -195,68 +229,129 @@ class TransformersEngine:
         self.stats["queued"] = max(0, self.admitted - 1)
 
     async def complete(self, op: str, body: dict):
-        ids = self.chat_ids(body) if op == "chat" else self.prompt_ids(body)
-        sampling, stops = self.sampling(body, len(ids), "messages" if op == "chat" else "prompt")
+        p = plan(body, op, self.lm.vocab_size)
+        prompts = [self.chat_ids(body, p.tools)] if op == "chat" else self.prompts(body)
+        what = "messages" if op == "chat" else "prompt"
+        choices = []
+        for ids in prompts:
+            mt = self.budget(p, len(ids), what)
+            for j in range(p.n):
+                s = replace(p.sampling, max_tokens=mt,
+                            seed=None if p.sampling.seed is None else (p.sampling.seed + j) % 2 ** 63)
+                choices.append(Choice(len(choices), ids, s, p.stops, p.grammar))
+        reply = Reply(op, self.name, p, [len(ids) for ids in prompts], self.lm)
         stream = body.get("stream") is True
         so = body.get("stream_options")
         include_usage = isinstance(so, dict) and so.get("include_usage") is True
         self.admit()
         self.stats["requests"] += 1
         loop = asyncio.get_running_loop()
-        rid = new_id("chatcmpl" if op == "chat" else "cmpl")
         if not stream:
-            run = Run(ids, sampling, stops, None)
-            fut = loop.run_in_executor(self.worker, run, self.lm)
+            job = Job(choices, None)
+            fut = loop.run_in_executor(self.worker, job, self.lm)
             fut.add_done_callback(lambda f: self.release())   # when the worker is really free
             try:
                 await asyncio.shield(fut)
             except asyncio.CancelledError:   # the client went away (CancelOnDisconnect): stop generating
-                run.cancel.set()
+                job.cancel.set()
                 raise
-            return json_response(self._body(op, rid, run, len(ids)))
+            except GrammarError as e:
+                log.exception("constrained generation failed")
+                raise HTTPError(500, f"Constrained generation failed: {e}", code="engine_error") from None
+            return json_response(reply.whole(choices))
         q: asyncio.Queue = asyncio.Queue()
-        run = Run(ids, sampling, stops, lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
-        fut = loop.run_in_executor(self.worker, run, self.lm)
+        job = Job(choices, lambda *ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        fut = loop.run_in_executor(self.worker, job, self.lm)
         fut.add_done_callback(lambda f: q.put_nowait(None))
 
         async def closed() -> None:   # however the stream ended, even before it began
-            run.cancel.set()          # the client may be gone: stop generating
+            job.cancel.set()          # the client may be gone: stop generating
             fut.add_done_callback(lambda f: self.release())
 
-        return StreamResponse(self._stream(op, rid, run, fut, q, len(ids), include_usage), on_close=closed)
+        return StreamResponse(reply.stream(choices, fut, q, include_usage), on_close=closed)
 
-    def _body(self, op: str, rid: str, run: Run, prompt_len: int) -> dict:
-        if op == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": run.text}, "logprobs": None,
-                      "finish_reason": run.finish}
-            obj = "chat.completion"
-        else:
-            choice = {"index": 0, "text": run.text, "logprobs": None, "finish_reason": run.finish}
-            obj = "text_completion"
-        return {"id": rid, "object": obj, "created": now(), "model": self.name, "choices": [choice],
-                "usage": _usage(prompt_len, run.completion_tokens)}
 
-    async def _stream(self, op: str, rid: str, run: Run, fut, q: asyncio.Queue, prompt_len: int,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-        chat = op == "chat"
-        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": now(),
-                "model": self.name}
+def _is_id(x: Any) -> bool:
+    return type(x) is int and x >= 0
 
-        def chunk(delta: str | None, finish: str | None = None, role: bool = False) -> bytes:
-            if chat:
-                d: dict = {"role": "assistant", "content": ""} if role else ({"content": delta} if delta else {})
-                c = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
-            return _event({**base, "choices": [c]})
 
-        if chat:
-            yield chunk(None, role=True)
+class Reply:
+    """The OpenAI shapes of one request's answer: whole, or as stream events."""
+
+    def __init__(self, op: str, model: str, p: Plan, prompt_lens: list[int], lm: CausalLM):
+        self.chat = op == "chat"
+        self.p = p
+        self.prompt_tokens = sum(prompt_lens)
+        self.lm = lm
+        self.base = {"id": new_id("chatcmpl" if self.chat else "cmpl"),
+                     "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": now(), "model": model}
+
+    def _tools(self) -> ToolCalls | None:
+        p = self.p
+        return ToolCalls(p.tool) if p.tool else ToolCalls() if p.tool_list else None
+
+    def _finish(self, finish: str) -> str:
+        return "tool_calls" if self.p.tool_list and finish == "stop" else finish
+
+    def _usage(self, choices: list[Choice]) -> dict:
+        return _usage(self.prompt_tokens, sum(c.completion_tokens for c in choices))
+
+    def whole(self, choices: list[Choice]) -> dict:
+        out = []
+        for c in choices:
+            lp = None
+            if self.p.sampling.logprobs is not None:
+                lp = logprobs.chat(self.lm, c.steps) if self.chat else logprobs.completion(self.lm, c.steps, self.p)
+            if not self.chat:
+                out.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish})
+                continue
+            msg: dict = {"role": "assistant", "content": c.text}
+            tc = self._tools()
+            if tc is not None:
+                tc.feed(c.text)
+                msg = {"role": "assistant", "content": None, "tool_calls": tc.calls}
+            out.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": self._finish(c.finish)})
+        return {**self.base, "object": "chat.completion" if self.chat else "text_completion", "choices": out,
+                "usage": self._usage(choices)}
+
+    async def stream(self, choices: list[Choice], fut, q: asyncio.Queue, include_usage: bool) -> AsyncIterator[bytes]:
+        base, chat, want_lp = self.base, self.chat, self.p.sampling.logprobs is not None
+        tools: dict[int, ToolCalls | None] = {}
+        offsets: dict[int, int] = {}
+
+        def event(choice: dict) -> bytes:
+            return _event({**base, "choices": [choice]})
+
         while True:
-            t = await q.get()
-            if t is None:
+            ev = await q.get()
+            if ev is None:
                 break
-            yield chunk(t)
+            kind, i, text, steps = ev
+            if kind == "start":
+                tools[i] = self._tools()
+                offsets[i] = 0
+                if chat:
+                    yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})
+            elif kind == "end":
+                fin = self._finish(text)
+                yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": fin} if chat else
+                            {"index": i, "text": "", "logprobs": None, "finish_reason": fin})
+            elif not chat:
+                lp = logprobs.completion(self.lm, steps, self.p, offsets[i]) if want_lp else None
+                offsets[i] += len(text)
+                yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": None})
+            else:
+                lp = logprobs.chat(self.lm, steps) if want_lp else None
+                tc = tools[i]
+                if tc is None:
+                    yield event({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+                    continue
+                deltas = tc.feed(text)
+                for k, d in enumerate(deltas):
+                    yield event({"index": i, "delta": {"tool_calls": [d]}, "logprobs": lp if k == 0 else None,
+                                 "finish_reason": None})
         try:
             fut.result()
         except Exception as e:  # noqa: BLE001
@@ -264,9 +359,8 @@ class TransformersEngine:
             yield _event({"error": {"message": f"Generation failed: {e}", "type": "api_error",
                                     "param": None, "code": "engine_error"}})
             return
-        yield chunk(None, run.finish)
         if include_usage:
-            yield _event({**base, "choices": [], "usage": _usage(prompt_len, run.completion_tokens)})
+            yield _event({**base, "choices": [], "usage": self._usage(choices)})
         yield DONE
 
 
@@ -298,7 +392,9 @@ def build_app(spec: Spec):
         gateway's exact count_tokens for local models)."""
         check(req)
         body = await _json(req)
-        ids = await asyncio.to_thread(engine.chat_ids if "messages" in body else engine.prompt_ids, body)
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        ids = await asyncio.to_thread(lambda: engine.chat_ids(body, tools) if "messages" in body
+                                      else engine.prompts(body)[0])
         return json_response({"count": len(ids), "max_model_len": engine.lm.max_model_len, "tokens": ids})
 
     app.route("/chat/completions", "POST", chat)

@@ -8,7 +8,9 @@ Pure translations, no I/O (the pipeline does that):
   sources); tools, tool choice, tool calls and tool results map to `tools`, `tool_choice`,
   `tool_use` and `tool_result` blocks; `stop` -> `stop_sequences`; a default `max_tokens` (4,096,
   or the model's `params`) when the caller gives none. OpenAI-only parameters the Messages API would
-  reject (seed, penalties, logprobs...) are dropped; `n` > 1 and JSON `response_format` are refused.
+  reject (seed, penalties, logprobs...) are dropped; `n` > 1 is refused. A JSON `response_format`
+  becomes structured outputs (`output_config.format`) on models with `supports_response_schema`,
+  else a forced tool (JSON_TOOL) whose input is returned as the message's content.
   Blank text is left out (the API refuses empty and whitespace-only text blocks); a user message
   left with nothing says "(empty)", as OpenAI takes an empty message.
 - `to_chat_completion`: a Message -> an OpenAI chat completion.
@@ -26,8 +28,8 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import (EMPTY_TEXT, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, scrub,
-                   SSETranslator, ToolCallChunks, UpstreamRequest)
+from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools,
+                   json_format, json_tool_check, scrub, SSETranslator, ToolCallChunks, UpstreamRequest)
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -239,12 +241,31 @@ def _tools(body: dict, out: dict) -> None:
         out["tool_choice"] = tc
 
 
-def _no_json_mode(route: Route, body: dict) -> None:
-    """JSON modes have no Messages API counterpart here: refused rather than silently ignored."""
-    rf = body.get("response_format")
-    if type(rf) is dict and rf.get("type") not in (None, "text"):
-        raise bad_request(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
-                   "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
+def _response_format(route: Route, body: dict, out: dict) -> None:
+    """A JSON response_format: Anthropic's structured outputs (`output_config.format`, the schema
+    made acceptable by the Anthropic SDK's own `transform_schema`) for models that have them and a
+    schema; otherwise a forced tool whose input is the answer (what LiteLLM does), turned back into
+    the message's content by `to_chat_completion` and the stream translator."""
+    schema = json_format(body)
+    if schema is None:
+        return
+    rf_kind = body["response_format"]["type"]
+    if rf_kind == "json_schema" and route.model.supports_response_schema:
+        from anthropic import transform_schema   # lazily: only requests with a schema need it
+        try:
+            fmt = {"type": "json_schema", "schema": transform_schema(schema)}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise bad_request(f"response_format.json_schema.schema cannot be used with '{route.name}': {e}",
+                              "response_format") from None
+        out["output_config"] = {**(out.get("output_config") or {}), "format": fmt}
+        return
+    json_tool_check(route.name, body, schema)
+    if (out.get("thinking") or {}).get("type") == "enabled":
+        raise bad_request(f"'{route.name}' takes response_format through a forced tool, which Anthropic does not "
+                          "allow with extended thinking; leave one of them out.", "response_format")
+    out["tools"] = [*out.get("tools", ()), {"name": JSON_TOOL, "description": "Give the answer as this tool's "
+                                                    "input.", "input_schema": schema}]
+    out["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
 
 
 def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
@@ -252,7 +273,6 @@ def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
     n = body.get("n")
     if n not in (None, 1):
         raise bad_request(f"n={n} is not supported for '{route.name}': Anthropic models return one choice.", "n")
-    _no_json_mode(route, body)
     out: dict = {"model": route.model.model}
     _messages(body["messages"], out)
     mt = body.get("max_completion_tokens") or body.get("max_tokens") or min(DEFAULT_MAX_TOKENS,
@@ -286,6 +306,7 @@ def to_messages_body(route: Route, body: dict, stream: bool) -> dict:
             budget = int(thinking.get("budget_tokens") or 0)
             if out["max_tokens"] <= budget:
                 out["max_tokens"] = budget + out["max_tokens"]
+    _response_format(route, body, out)
     if stream:
         out["stream"] = True
     return out
@@ -340,6 +361,8 @@ def to_chat_completion(msg: dict) -> dict:
         t = b.get("type")
         if t == "text":
             text.append(b["text"])
+        elif t == "tool_use" and b.get("name") == JSON_TOOL:    # a response_format's answer
+            text.append(orjson.dumps(b.get("input") or {}).decode())
         elif t == "tool_use":
             calls.append({"id": b["id"], "type": "function",
                           "function": {"name": b["name"], "arguments": orjson.dumps(b.get("input") or {}).decode()}})
@@ -353,7 +376,8 @@ def to_chat_completion(msg: dict) -> dict:
     return {"id": msg.get("id") or "msg_unknown", "object": "chat.completion", "created": int(time.time()),
             "model": msg.get("model") or "",
             "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": FINISH.get(msg.get("stop_reason"), "stop")}],
+                         "finish_reason": "stop" if msg.get("stop_reason") == "tool_use" and not calls
+                         else FINISH.get(msg.get("stop_reason"), "stop")}],
             "usage": usage_of(msg.get("usage"))}
 
 
@@ -373,7 +397,7 @@ class AnthropicStream(SSETranslator, ToolCallChunks):
     """Messages stream events -> OpenAI chat.completion.chunk events (framed SSE bytes)."""
 
     provider = "Anthropic"
-    __slots__ = ("_sse", "usage", "template", "error", "_head", "_tools", "_argless", "_finish", "_raw")
+    __slots__ = ("_sse", "usage", "template", "error", "_head", "_tools", "_argless", "_json", "_finish", "_raw")
 
     def __init__(self) -> None:
         self._sse = SSESplitter()
@@ -383,6 +407,7 @@ class AnthropicStream(SSETranslator, ToolCallChunks):
         self._head = b""                      # the chunk prefix: id, object, created, model
         self._tools: dict[int, int] = {}      # content block index -> OpenAI tool_calls index
         self._argless: set[int] = set()       # tool blocks open with no argument sent yet
+        self._json: set[int] = set()          # blocks of the forced tool carrying response_format
         self._finish: str | None = None
         self._raw: dict = {}                  # Anthropic usage as reported so far
 
@@ -412,7 +437,7 @@ class AnthropicStream(SSETranslator, ToolCallChunks):
         elif t == "content_block_start":
             cb = ev.get("content_block") or {}
             if cb.get("type") == "tool_use":
-                out.append(self._tool_start(ev.get("index"), cb.get("id"), cb.get("name")))
+                self._tool_start(ev.get("index"), cb.get("id"), cb.get("name"), out)
             elif cb.get("type") == "text" and cb.get("text"):
                 out.append(self._chunk(b'{"content":' + orjson.dumps(cb["text"]) + b"}"))
         elif t == "content_block_stop":
@@ -424,7 +449,7 @@ class AnthropicStream(SSETranslator, ToolCallChunks):
                 self._raw.update({k: v for k, v in u.items() if v is not None})
                 self.usage = usage_of(self._raw)
             if d.get("stop_reason"):
-                self._finish = FINISH.get(d["stop_reason"], "stop")
+                self._finish = self._finish_reason(FINISH.get(d["stop_reason"], "stop"))
                 out.append(self._chunk(b"{}", b'"' + self._finish.encode() + b'"'))
         elif t == "error":
             err = ev.get("error") or {}

@@ -78,6 +78,9 @@ def bad_request(msg: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, msg, param=param, code="invalid_request_error")
 
 
+JSON_TOOL = "json_tool_call"   # the forced tool that carries response_format where a provider has no JSON mode
+
+
 def function_tools(body: dict) -> list[tuple[int, dict]]:
     """The caller's `tools` as (index, function), checked to be OpenAI function tools."""
     tools = body.get("tools")
@@ -91,8 +94,41 @@ def function_tools(body: dict) -> list[tuple[int, dict]]:
         if type(t) is not dict or t.get("type", "function") != "function" or type(fn) is not dict or not fn.get("name"):
             raise bad_request(f"tools[{k}] must be {{'type': 'function', 'function': {{'name': ...}}}}.",
                               f"tools[{k}]")
+        if fn["name"] == JSON_TOOL:
+            raise bad_request(f"tools[{k}]: the name {JSON_TOOL!r} is reserved by the gateway (it carries "
+                              "response_format to providers without a JSON mode).", f"tools[{k}]")
         out.append((k, fn))
     return out
+
+
+def json_format(body: dict) -> dict | None:
+    """The JSON Schema a JSON `response_format` asks for ({"type": "object"} for json_object);
+    None for text or no response_format; a 400 for a malformed one."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if type(rf) is dict else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        schema = js.get("schema") if type(js) is dict else None
+        if type(schema) is not dict:
+            raise bad_request("response_format.json_schema.schema must be a JSON Schema object.", "response_format")
+        return schema
+    raise bad_request("response_format.type must be 'text', 'json_object' or 'json_schema'.", "response_format")
+
+
+def json_tool_check(route_name: str, body: dict, schema: dict) -> None:
+    """What a response_format carried by a forced tool cannot be combined with."""
+    if schema.get("type") != "object":
+        raise bad_request(f"response_format for '{route_name}' is given to the model as a tool's input, which must "
+                          "be a JSON object: the schema's root needs \"type\": \"object\".", "response_format")
+    if body.get("tools") and body.get("tool_choice") != "none":
+        raise bad_request(f"'{route_name}' takes response_format through a forced tool, so it cannot be combined "
+                          "with tools the model may call; leave one of them out.", "response_format")
 
 
 def cached_usage(inp: int, read: int, write: int, out: int) -> dict:
@@ -162,8 +198,8 @@ EMPTY_TEXT = "(empty)"   # the text of a user turn that has none: the APIs refus
 class ToolCallChunks:
     """OpenAI chat.completion.chunk events for translators whose upstream streams content blocks
     (Anthropic, Bedrock). Subclasses hold `_head` (the chunk prefix: id, object, created, model),
-    `_tools` (block index -> OpenAI tool_calls index) and `_argless` (tool blocks with no argument
-    piece yet). Tool calls are numbered in order and their arguments streamed as they come; a call
+    `_tools` (block index -> OpenAI tool_calls index), `_argless` (tool blocks with no argument
+    piece yet) and `_json` (blocks of the JSON_TOOL, whose input streams as content). Tool calls are numbered in order and their arguments streamed as they come; a call
     that got none is closed with "{}", as the non-streamed answer gives it (json.loads("") fails)."""
 
     __slots__ = ()
@@ -176,22 +212,38 @@ class ToolCallChunks:
         return self._chunk(b'{"tool_calls":[{"index":%d,"function":{"arguments":' % k + orjson.dumps(piece)
                            + b"}}]}")
 
-    def _tool_start(self, i, call_id, name) -> bytes:
-        k = self._tools[i] = len(self._tools)
+    def _tool_start(self, i, call_id, name, out: list[bytes]) -> None:
         self._argless.add(i)
+        if name == JSON_TOOL:          # response_format carried by a forced tool: its input is the content
+            self._json.add(i)
+            return
+        k = self._tools[i] = len(self._tools)
         head = {"index": k, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
-        return self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}")
+        out.append(self._chunk(b'{"tool_calls":[' + orjson.dumps(head) + b"]}"))
 
     def _tool_piece(self, i, piece: str | None, out: list[bytes]) -> None:
+        if not piece:
+            return
+        if i in self._json:
+            self._argless.discard(i)
+            out.append(self._chunk(b'{"content":' + orjson.dumps(piece) + b"}"))
+            return
         k = self._tools.get(i)
-        if piece and k is not None:
+        if k is not None:
             self._argless.discard(i)
             out.append(self._arguments(k, piece))
 
     def _block_stop(self, i, out: list[bytes]) -> None:
         if i in self._argless:
             self._argless.discard(i)
-            out.append(self._arguments(self._tools[i], "{}"))
+            if i in self._json:
+                out.append(self._chunk(b'{"content":"{}"}'))
+            else:
+                out.append(self._arguments(self._tools[i], "{}"))
+
+    def _finish_reason(self, finish: str) -> str:
+        """A forced JSON tool's call is the answer, not a tool call."""
+        return "stop" if finish == "tool_calls" and self._json and not self._tools else finish
 
 
 class SSETranslator:

@@ -17,6 +17,8 @@ Tools: Bedrock refuses toolUse/toolResult blocks without a toolConfig, so a foll
 `tool_choice: "none"` the tools are left out, unless the conversation already holds tool blocks
 (then they stay declared, and the model may still call one). `required` and a named tool are
 refused here for the models whose Converse support lacks them (Bedrock's ToolChoice reference).
+A JSON `response_format` is a forced tool (JSON_TOOL) whose input comes back as the message's
+content, for the families that take a named toolChoice; a 400 for the others.
 """
 from __future__ import annotations
 
@@ -35,8 +37,8 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from common.asgi import NO_RETRY, HTTPError
 
 from ..catalog import Route
-from .base import (EMPTY_TEXT, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools, scrub,
-                   ToolCallChunks, UpstreamRequest)
+from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools,
+                   json_format, json_tool_check, scrub, ToolCallChunks, UpstreamRequest)
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -278,13 +280,26 @@ def _tools(route: Route, body: dict, out: dict) -> None:
         out["toolConfig"]["toolChoice"] = tc
 
 
+def _response_format(route: Route, body: dict, schema: dict, out: dict) -> None:
+    """A JSON response_format as a forced tool whose input is the answer, for the model families
+    whose Converse support takes a named toolChoice; refused for the others."""
+    if not _family(route.model.model).startswith(_CHOICE_TOOL):
+        raise bad_request(f"response_format {body['response_format']['type']!r} is not supported for '{route.name}': "
+                          "the gateway gives it to Bedrock models as a forced tool, which Bedrock offers for "
+                          "Anthropic and Amazon Nova models only. Ask for JSON in the prompt instead.",
+                          "response_format")
+    json_tool_check(route.name, body, schema)
+    spec = {"toolSpec": {"name": JSON_TOOL, "description": "Give the answer as this tool's input.",
+                         "inputSchema": {"json": schema}}}
+    tc = out.setdefault("toolConfig", {"tools": []})
+    tc["tools"] = [*tc["tools"], spec]
+    tc["toolChoice"] = {"tool": {"name": JSON_TOOL}}
+
+
 def to_converse_body(route: Route, body: dict) -> dict:
     if body.get("n") not in (None, 1):
         raise bad_request(f"n={body['n']} is not supported for '{route.name}': Bedrock models return one choice.", "n")
-    rf = body.get("response_format")
-    if type(rf) is dict and rf.get("type") not in (None, "text"):
-        raise bad_request(f"response_format {rf.get('type')!r} is not supported for '{route.name}'; ask for JSON in the "
-                   "prompt, or declare a tool with the schema and set tool_choice to it.", "response_format")
+    schema = json_format(body)
     out: dict = {}
     _messages(body["messages"], out, route.model.supports_prompt_caching)
     cfg: dict = {}
@@ -301,6 +316,8 @@ def to_converse_body(route: Route, body: dict) -> dict:
     if cfg:
         out["inferenceConfig"] = cfg
     _tools(route, body, out)
+    if schema is not None:
+        _response_format(route, body, schema, out)
     if body.get("top_k") is not None:
         out["additionalModelRequestFields"] = {"top_k": body["top_k"]}
     return out
@@ -340,6 +357,8 @@ def to_chat_completion(obj: dict, model: str) -> dict:
     for b in ((obj.get("output") or {}).get("message") or {}).get("content") or ():
         if "text" in b:
             text.append(b["text"])
+        elif "toolUse" in b and b["toolUse"].get("name") == JSON_TOOL:    # a response_format's answer
+            text.append(orjson.dumps(b["toolUse"].get("input") or {}).decode())
         elif "toolUse" in b:
             tu = b["toolUse"]
             calls.append({"id": tu.get("toolUseId"), "type": "function",
@@ -353,7 +372,8 @@ def to_chat_completion(obj: dict, model: str) -> dict:
         msg["reasoning_content"] = "".join(thinking)
     return {"id": _new_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "message": msg, "logprobs": None,
-                         "finish_reason": FINISH.get(obj.get("stopReason"), "stop")}],
+                         "finish_reason": "stop" if obj.get("stopReason") == "tool_use" and not calls
+                         else FINISH.get(obj.get("stopReason"), "stop")}],
             "usage": usage_of(obj.get("usage"))}
 
 
@@ -381,7 +401,7 @@ class ConverseStreamTranslator(ToolCallChunks):
     chunks when it ends.
     """
 
-    __slots__ = ("usage", "template", "error", "_buf", "_json", "_head", "_tools", "_argless", "_model")
+    __slots__ = ("usage", "template", "error", "_buf", "_whole", "_head", "_tools", "_argless", "_json", "_model")
 
     def __init__(self, model: str) -> None:
         self.usage: dict | None = None
@@ -391,9 +411,10 @@ class ConverseStreamTranslator(ToolCallChunks):
                          "model": model, "choices": []}
         self._head = orjson.dumps({k: self.template[k] for k in ("id", "object", "created", "model")})[:-1] + b","
         self._buf: EventStreamBuffer | None = None
-        self._json: list[bytes] | None = None
+        self._whole: list[bytes] | None = None   # a Converse (non-stream) answer, read whole
         self._tools: dict[int, int] = {}      # content block index -> OpenAI tool_calls index
         self._argless: set[int] = set()       # tool blocks open with no argument sent yet
+        self._json: set[int] = set()          # blocks of the forced tool carrying response_format
 
     def _fail(self, kind: str, message: str, out: list[bytes]) -> None:
         message = scrub(message)
@@ -416,11 +437,11 @@ class ConverseStreamTranslator(ToolCallChunks):
         elif kind == "contentBlockStart":
             tu = (ev.get("start") or {}).get("toolUse")
             if tu:
-                out.append(self._tool_start(ev.get("contentBlockIndex"), tu.get("toolUseId"), tu.get("name")))
+                self._tool_start(ev.get("contentBlockIndex"), tu.get("toolUseId"), tu.get("name"), out)
         elif kind == "contentBlockStop":
             self._block_stop(ev.get("contentBlockIndex"), out)
         elif kind == "messageStop":
-            fin = FINISH.get(ev.get("stopReason"), "stop")
+            fin = self._finish_reason(FINISH.get(ev.get("stopReason"), "stop"))
             out.append(self._chunk(b"{}", b'"' + fin.encode() + b'"'))
         elif kind == "metadata":
             self.usage = usage_of(ev.get("usage"))
@@ -436,12 +457,12 @@ class ConverseStreamTranslator(ToolCallChunks):
         return out
 
     def _feed(self, data: bytes, out: list[bytes]) -> None:
-        if self._json is not None:
-            self._json.append(data)
+        if self._whole is not None:
+            self._whole.append(data)
             return
         if self._buf is None:
             if data[:1] == b"{":
-                self._json = [data]
+                self._whole = [data]
                 return
             self._buf = EventStreamBuffer()
         self._buf.add_data(data)
@@ -459,15 +480,15 @@ class ConverseStreamTranslator(ToolCallChunks):
                 self._fail(kind, message or h.get(":error-message", ""), out)
 
     def close(self) -> list[bytes]:
-        if self._json is None or self.error:
+        if self._whole is None or self.error:
             return []
         try:
-            obj = to_chat_completion(orjson.loads(b"".join(self._json)), self._model)
+            obj = to_chat_completion(orjson.loads(b"".join(self._whole)), self._model)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             out: list[bytes] = []
             self._fail("bad_upstream_response", f"the Converse answer could not be read: {e}", out)
             return out
-        self._json = None
+        self._whole = None
         msg = obj["choices"][0]["message"]
         out = [self._chunk(b'{"role":"assistant","content":""}')]
         if msg.get("content"):

@@ -4,7 +4,8 @@ The request passes through untouched but for the model name, the alias defaults,
 request on streams, and what OpenAI's own models require (reasoning models take
 `max_completion_tokens` and no sampling parameters; `reasoning_effort` goes only to models that
 take it, per the catalog; `cache_control`, on messages, content parts or tools, is an Anthropic
-field that OpenAI rejects). Stream events are forwarded byte for byte; only the usage chunk is
+field that OpenAI rejects), and embedding inputs given as token arrays decoded to text for upstreams
+other than OpenAI's own (token_arrays.py). Stream events are forwarded byte for byte; only the usage chunk is
 held back, so the pipeline can add the cost to it or drop it when the client did not ask for
 usage. An event that cannot be read ends the relay with an error event, as in the other adapters.
 """
@@ -15,6 +16,7 @@ import orjson
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
 from .base import Endpoint, SSETranslator, UpstreamRequest, error_text, normalize_usage, scrub
+from .token_arrays import decode, is_token_input
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
 
@@ -62,6 +64,8 @@ def build_body(route: Route, op: str, body: dict, stream: bool) -> dict:
     if op == "chat":
         _strip_cache_control(body)
         _for_openai_model(route, body)
+    elif op == "embeddings" and not route.provider.takes_token_ids and is_token_input(body.get("input")):
+        body["input"] = decode(body["input"])
     if stream:
         so = body.get("stream_options")
         body["stream_options"] = {**so, "include_usage": True} if type(so) is dict else {"include_usage": True}

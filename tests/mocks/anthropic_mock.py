@@ -8,7 +8,11 @@ top-level fields, roles (no "system" role in messages), non-empty messages and t
 message's text may not be whitespace alone), image sources
 (base64 data that matches its media type, or url), tool_result blocks answering the tool_use
 blocks of the previous assistant turn, at most 4 `cache_control` breakpoints, and the current
-models' refusal of `temperature` with `top_p`. Answers are documented Message objects and stream
+models' refusal of `temperature` with `top_p`, structured outputs (`output_config.format`) only on the
+models that have them and with the schemas they take (every object `additionalProperties: false`; no
+numeric or length bounds), forced tool_choice refused with extended thinking. Answers are documented
+Message objects (a structured output's text is JSON valid against the schema; a tool's input is valid
+against its input_schema) and stream
 events (message_start, content_block_start/delta/stop with text_delta and input_json_delta,
 message_delta, message_stop, ping, error); a tool called without arguments streams only an empty
 `partial_json`.
@@ -30,9 +34,14 @@ import time
 
 from aiohttp import web
 
-from tests.mocks.openai_mock import TOOL_ARGS, Scripted
+from tests.mocks.openai_mock import Scripted
+from tests.mocks.schema_instance import instance, tool_args
 
 MODELS = {"claude-haiku-4-5": 4096, "claude-sonnet-4-5": 1024, "claude-opus-4-1": 1024}   # min cacheable tokens
+STRUCTURED = {"claude-haiku-4-5", "claude-sonnet-4-5"}    # structured outputs (output_config.format) are GA for these
+# JSON Schema features structured outputs refuse (Anthropic's "JSON Schema limitations").
+_UNSUPPORTED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
+                "maxItems", "uniqueItems", "patternProperties", "if", "then", "else", "not")
 ONE_SAMPLER = {"claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"}
 _TOP = {"model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature",
         "top_p", "top_k", "tools", "tool_choice", "thinking", "service_tier", "container", "mcp_servers",
@@ -221,9 +230,41 @@ class MockAnthropic:
                               "'tool', 'none'")
             if tc["type"] == "tool" and not tc.get("name"):
                 raise Invalid("tool_choice.tool.name: Field required")
+        if tc is not None and tc["type"] in ("any", "tool") and (body.get("thinking") or {}).get("type") == "enabled":
+            raise Invalid("Thinking may not be enabled when tool_choice forces tool use.")
+        oc = body.get("output_config")
+        if oc is not None:
+            fmt = oc.get("format") if isinstance(oc, dict) else None
+            if fmt is not None:
+                if body["model"] not in STRUCTURED:
+                    raise Invalid(f"'{body['model']}' does not support output_config.format.")
+                if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+                    raise Invalid("output_config.format: Input tag does not match the expected tag 'json_schema'")
+                self._check_schema(fmt["schema"], "output_config.format.schema")
         marks = sum(1 for b in self._flat(body) if isinstance(b, dict) and b.get("cache_control"))
         if marks > 4:
             raise Invalid(f"A maximum of 4 blocks with cache_control may be provided. Found {marks}.")
+
+    def _check_schema(self, schema, where: str) -> None:
+        if isinstance(schema, list):
+            for i, sub in enumerate(schema):
+                self._check_schema(sub, f"{where}.{i}")
+            return
+        if not isinstance(schema, dict):
+            return
+        for k in _UNSUPPORTED:
+            if k in schema:
+                raise Invalid(f"{where}: '{k}' is not supported in structured outputs schemas")
+        if schema.get("type") == "object" and schema.get("additionalProperties") is not False:
+            raise Invalid(f"{where}: For 'object' type, 'additionalProperties' must be explicitly set to false")
+        if schema.get("minItems") not in (None, 0, 1):
+            raise Invalid(f"{where}: 'minItems' values other than 0 or 1 are not supported")
+        for k, v in schema.items():
+            if k in ("properties", "$defs", "definitions") and isinstance(v, dict):
+                for name, sub in v.items():
+                    self._check_schema(sub, f"{where}.{k}.{name}")
+            elif k in ("items", "anyOf", "allOf", "oneOf"):
+                self._check_schema(v, f"{where}.{k}")
 
     # -- caching ------------------------------------------------------------------------------
     @staticmethod
@@ -294,7 +335,10 @@ class MockAnthropic:
             name = tc["name"] if tc["type"] == "tool" else body["tools"][0]["name"]
             tool = next(t for t in body["tools"] if t["name"] == name)
             return [{"type": "tool_use", "id": "toolu_" + h, "name": name,
-                     "input": TOOL_ARGS if tool["input_schema"].get("properties") else {}}], "tool_use", None
+                     "input": tool_args(tool["input_schema"])}], "tool_use", None
+        fmt = (body.get("output_config") or {}).get("format")
+        if fmt:
+            return [{"type": "text", "text": json.dumps(instance(fmt["schema"]))}], "end_turn", None
         text = ("The tool said: " if is_result else "echo: ") + self._text(c)
         for s in body.get("stop_sequences") or []:
             if s in text:

@@ -38,7 +38,8 @@ from botocore.exceptions import ParamValidationError
 from botocore.validate import ParamValidator
 
 from tests.mocks import eventstream
-from tests.mocks.openai_mock import TOOL_ARGS, Scripted
+from tests.mocks.openai_mock import Scripted
+from tests.mocks.schema_instance import tool_args
 
 # model id -> (prompt caching, vision, tool use while streaming, toolChoice members taken)
 _CLAUDE = (True, True, True, {"auto", "any", "tool"})
@@ -229,7 +230,7 @@ class MockBedrock:
             choice = tc.get("toolChoice") or {}
             name = choice["tool"]["name"] if "tool" in choice else tc["tools"][0]["toolSpec"]["name"]
             spec = next(t["toolSpec"] for t in tc["tools"] if t["toolSpec"]["name"] == name)
-            args = TOOL_ARGS if spec["inputSchema"]["json"].get("properties") else {}
+            args = tool_args(spec["inputSchema"]["json"])
             return [{"toolUse": {"toolUseId": tid, "name": name, "input": args}}], "tool_use"
         if results:
             text = "The tool said: " + " ".join(c.get("text", json.dumps(c.get("json"))) for c in results[0]["content"])

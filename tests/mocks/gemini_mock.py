@@ -5,7 +5,8 @@ or `?key=`), the model in the path, `contents` present with roles `user`/`model`
 parts, no unknown fields (proto JSON accepts camelCase and snake_case names), function
 declarations with either `parameters` (OpenAPI subset: no `additionalProperties`, `$schema`...)
 or `parametersJsonSchema` but not both, and function responses that follow a function-call turn
-with as many parts. Answers are documented GenerateContentResponse objects; a stream is SSE events
+with as many parts. Answers are documented GenerateContentResponse objects (with
+`responseMimeType: application/json`, JSON text valid against `responseJsonSchema`); a stream is SSE events
 each carrying one GenerateContentResponse (no [DONE]). Only `alt=sse` streams are served.
 
 Implicit caching as on Gemini 2.5: a request whose prefix of at least 1,024 tokens (2,048 for
@@ -26,7 +27,8 @@ import time
 
 from aiohttp import web
 
-from tests.mocks.openai_mock import TOOL_ARGS, Scripted
+from tests.mocks.openai_mock import Scripted
+from tests.mocks.schema_instance import instance, tool_args
 
 MODELS = {"gemini-2.5-pro": 2048, "gemini-2.5-flash": 1024, "gemini-2.5-flash-lite": 1024}
 
@@ -208,7 +210,7 @@ class MockGemini:
             name = (fcc.get("allowedFunctionNames") or [decls[0]["name"]])[0]
             decl = next(d for d in decls if d["name"] == name)
             schema = _get(decl, "parametersJsonSchema") or decl.get("parameters") or {}
-            return [{"functionCall": {"name": name, "args": TOOL_ARGS if schema.get("properties") else {}}}], "STOP"
+            return [{"functionCall": {"name": name, "args": tool_args(schema)}}], "STOP"
         if responses:
             r = _get(responses[0], "functionResponse")["response"]
             text = "The tool said: " + (r.get("content") if isinstance(r.get("content"), str) else json.dumps(r))
@@ -222,6 +224,9 @@ class MockGemini:
                     bits.append(f"[image {_get(d, 'mimeType')} {len(base64.b64decode(d['data']))} bytes]")
             text = "echo: " + " ".join(bits)
         gen = _get(body, "generationConfig") or {}
+        if _get(gen, "responseMimeType") == "application/json" and not responses:
+            schema = _get(gen, "responseJsonSchema") or _get(gen, "responseSchema") or {"type": "object"}
+            return [{"text": json.dumps(instance(schema))}], "STOP"
         for s in _get(gen, "stopSequences") or []:
             if s in text:
                 text = text[: text.index(s)]

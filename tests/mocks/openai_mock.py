@@ -2,7 +2,9 @@
 
 It checks what the real API checks for the behaviours we rely on (Bearer key, required fields,
 reasoning models' parameter rules (o1-mini takes no `reasoning_effort`), no unknown fields on
-messages, content parts or tools) and answers with documented
+messages, content parts or tools, structured outputs' rules (a strict schema has
+`additionalProperties: false` and every property required; JSON mode wants the word "json" in the
+messages)) and answers with documented
 response and stream shapes, including automatic prompt caching: a prompt of 1,024 tokens or
 more whose prefix was seen before reports cached tokens in 128-token steps.
 Test code steers it through `script` (canned replies, in order) and reads `requests`.
@@ -19,8 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.mocks.schema_instance import TOOL_ARGS, instance, tool_args  # noqa: F401 (TOOL_ARGS: for the other mocks)
+
 REASONING = {"o1", "o1-mini", "o3-mini"}
-TOOL_ARGS = {"location": "Berkeley, CA", "unit": "c"}   # the mocks' tool call arguments ({} for a tool without any)
+NO_SCHEMA = {"o1-mini"}      # models without structured outputs
 _MSG_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal", "audio", "function_call"}
 _TOOL_FIELDS = {"type", "function", "custom"}
 
@@ -50,6 +54,37 @@ def _unexpected(obj: dict, allowed: set, where: str) -> web.Response | None:
         return None
     return openai_error(400, f"Additional properties are not allowed ({', '.join(map(repr, sorted(extra)))} was "
                              f"unexpected) - '{where}'", param=where)
+
+
+def _quoted_schema(text: str) -> dict | None:
+    """The first JSON Schema (an object with "properties") written out in `text`."""
+    dec = json.JSONDecoder()
+    i = text.find("{")
+    while i >= 0:
+        try:
+            obj, _ = dec.raw_decode(text, i)
+            if isinstance(obj, dict) and "properties" in obj:
+                return obj
+        except ValueError:
+            pass
+        i = text.find("{", i + 1)
+    return None
+
+
+def _objects(schema, where: tuple):
+    """Every object schema inside `schema`, with where it is (as OpenAI's errors say it)."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" or "properties" in schema:
+            yield where, schema
+        for k, v in schema.items():
+            if k in ("properties", "$defs", "definitions"):
+                for name, sub in (v or {}).items():
+                    yield from _objects(sub, (*where, k, name))
+            elif k in ("items", "additionalProperties") and isinstance(v, dict):
+                yield from _objects(v, (*where, k))
+            elif k in ("anyOf", "oneOf", "allOf"):
+                for i, sub in enumerate(v):
+                    yield from _objects(sub, (*where, k, str(i)))
 
 
 @dataclass
@@ -189,6 +224,9 @@ class MockOpenAI:
             err = _unexpected(t, _TOOL_FIELDS, f"tools.{k}")
             if err is not None:
                 return err
+        err = self._check_response_format(body)
+        if err is not None:
+            return err
         if body["model"] in REASONING:
             if "max_tokens" in body:
                 return openai_error(400, "Unsupported parameter: 'max_tokens' is not supported with this model. "
@@ -206,6 +244,38 @@ class MockOpenAI:
                                          "this model.", param="messages[0].role", code="unsupported_value")
         return None
 
+    @staticmethod
+    def _check_response_format(body: dict) -> web.Response | None:
+        rf = body.get("response_format")
+        if rf is None or rf.get("type") == "text":
+            return None
+        if body["model"] in NO_SCHEMA:
+            return openai_error(400, "Invalid parameter: 'response_format' of type "
+                                     f"'{rf.get('type')}' is not supported with this model.",
+                                param="response_format", code="invalid_parameter")
+        if rf.get("type") == "json_object":
+            if not any("json" in _text(m.get("content")).lower() for m in body["messages"]):
+                return openai_error(400, "'messages' must contain the word 'json' in some form, to use "
+                                         "'response_format' of type 'json_object'.", param="messages")
+            return None
+        js = rf.get("json_schema") if rf.get("type") == "json_schema" else None
+        if not isinstance(js, dict) or not js.get("name") or not isinstance(js.get("schema"), dict):
+            return openai_error(400, "Missing required parameter: 'response_format.json_schema'.",
+                                param="response_format", code="missing_required_parameter")
+        if js.get("strict"):
+            for where, node in _objects(js["schema"], ()):
+                if node.get("additionalProperties") is not False:
+                    return openai_error(400, f"Invalid schema for response_format '{js['name']}': In context={where}, "
+                                             "'additionalProperties' is required to be supplied and to be false.",
+                                        param="response_format", code="invalid_json_schema")
+                missing = set(node.get("properties") or {}) - set(node.get("required") or [])
+                if missing:
+                    return openai_error(400, f"Invalid schema for response_format '{js['name']}': In context={where}, "
+                                             f"'required' is required to be supplied and to be an array including "
+                                             f"every key in properties. Missing '{sorted(missing)[0]}'.",
+                                        param="response_format", code="invalid_json_schema")
+        return None
+
     def _reply(self, body: dict, prompt: str, s: Scripted | None = None) -> tuple[str, list | None, str]:
         msgs = body.get("messages") or []
         tools = body.get("tools")
@@ -221,12 +291,18 @@ class MockOpenAI:
             if isinstance(body.get("tool_choice"), dict):
                 name = body["tool_choice"]["function"]["name"]
                 fn = next(t["function"] for t in tools if t["function"]["name"] == name)
-            args = TOOL_ARGS if (fn.get("parameters") or {}).get("properties") else {}
+            args = tool_args(fn.get("parameters"))
             call = {"id": "call_" + hashlib.md5(prompt.encode()).hexdigest()[:12], "type": "function",
                     "function": {"name": fn["name"], "arguments": json.dumps(args)}}
             return "", [call], "tool_calls"
         if last.get("role") == "tool":
             return f"The tool said: {_text(last.get('content'))}", None, "stop"
+        rf = body.get("response_format") or {}
+        if rf.get("type") == "json_schema":
+            return json.dumps(instance(rf["json_schema"]["schema"])), None, "stop"
+        if rf.get("type") == "json_object":   # a model following a schema quoted in the prompt, as instructor's JSON mode asks
+            schema = _quoted_schema(" ".join(_text(m.get("content")) for m in msgs))
+            return json.dumps(instance(schema) if schema else {"echo": _text(last.get("content"))}), None, "stop"
         text = f"echo: {_text(last.get('content')) if msgs else prompt}"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         words = text.split()

@@ -265,7 +265,15 @@ def test_missing_aws_credentials_names_what_to_set(mocks, tmp_path, monkeypatch)
     ("aws/command-r-v1", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes",
                           "tools": [{"type": "function", "function": {"name": "f"}}]}, None, None),
     ("anthropic/claude-sonnet", {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "not supported"),
-    ("anthropic/claude-sonnet", {"response_format": {"type": "json_object"}}, "response_format", "tool_choice"),
+    ("anthropic/claude-sonnet", {"response_format": {"type": "json_object"},    # a forced tool beside the caller's
+                                 "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "response_format", "cannot be combined"),
+    ("anthropic/claude-opus", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "string"}}}}}, "response_format", '"type": "object"'),
+    ("anthropic/claude-haiku", {"response_format": {"type": "json_object"}, "reasoning_effort": "low"},
+     "response_format", "extended thinking"),
+    ("anthropic/claude-sonnet", {"tools": [{"type": "function", "function": {"name": "json_tool_call"}}]},
+     "tools[0]", "reserved"),
     ("aws/command-r-plus-v1", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "response_format", "not supported"),
     ("google/gemini-flash", {"messages": [{"role": "system", "content": "only a system prompt"}]}, "messages",

@@ -1,0 +1,162 @@
+"""The transformers engine's reading of requests (inference/engines/params.py) and its tool-call
+reader (tool_calls.py), without a model: every parameter honoured or refused with a 400 naming it."""
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from common.asgi import HTTPError
+from inference.engines.grammar import json_grammar, tool_calls_grammar
+from inference.engines.params import plan
+from inference.engines.tool_calls import ToolCalls
+
+VOCAB = 1000
+MSGS = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "parameters": {
+    "type": "object", "properties": {"tz": {"type": "string", "enum": ["UTC", "PST"]}}, "required": ["tz"]}}}
+
+
+def refused(body: dict, op: str = "chat") -> HTTPError:
+    with pytest.raises(HTTPError) as e:
+        plan({"messages": MSGS, **body}, op, VOCAB)
+    assert e.value.status == 400
+    return e.value
+
+
+@pytest.mark.parametrize("name,value", [
+    ("functions", [{"name": "f"}]), ("function_call", "auto"), ("audio", {"voice": "x"}), ("modalities", ["audio"]),
+    ("prediction", {"type": "content", "content": "x"}), ("web_search_options", {}), ("reasoning_effort", "low"),
+    ("echo", True), ("suffix", "x"), ("min_tokens", 3), ("ignore_eos", True), ("stop_token_ids", [1]),
+    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("structured_outputs", {"json": {}}),
+    ("best_of", 3), ("use_beam_search", True), ("skip_special_tokens", False), ("chat_template", "{{x}}")])
+def test_unsupported_parameters_are_refused_by_name(name, value):
+    assert refused({name: value}).param == name
+
+
+@pytest.mark.parametrize("name,value", [
+    ("modalities", ["text"]), ("echo", False), ("best_of", 1), ("user", "u"), ("metadata", {"a": "b"}),
+    ("store", False), ("service_tier", "auto"), ("parallel_tool_calls", True), ("unknown_vendor_field", 1),
+    ("stream_options", {"include_usage": True}), ("skip_special_tokens", True)])
+def test_harmless_parameters_pass(name, value):
+    plan({"messages": MSGS, name: value}, "chat", VOCAB)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"temperature": 2.5}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"n": 0}, "n"), ({"n": 17}, "n"), ({"n": True}, "n"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": float("nan")}, "frequency_penalty"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": "5"}, "max_completion_tokens"),
+    ({"seed": 1.5}, "seed"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"),
+    ({"logit_bias": {"1000": 5}}, "logit_bias"), ({"logit_bias": {"x": 5}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"logprobs": "yes"}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p")])
+def test_out_of_range_values_name_the_parameter(body, param):
+    assert refused(body).param == param
+
+
+def test_sampling_parameters_are_kept():
+    p = plan({"messages": MSGS, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": -1, "n": 3,
+              "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2, "max_tokens": 9,
+              "logit_bias": {"7": -100, "8": 3}, "logprobs": True, "top_logprobs": 4, "stop": "END"}, "chat", VOCAB)
+    s = p.sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.presence_penalty, s.frequency_penalty,
+            s.repetition_penalty) == (0.5, 0.9, 40, 0.05, 0.5, -0.5, 1.2)
+    assert s.logit_bias == {7: -100.0, 8: 3.0} and s.logprobs == 4 and 0 <= s.seed < 2 ** 63
+    assert (p.n, p.max_tokens, p.stops) == (3, 9, ["END"])
+    assert plan({"prompt": "x", "logprobs": 0}, "completions", VOCAB).sampling.logprobs == 0
+    assert plan({"messages": MSGS, "logprobs": False, "top_logprobs": None}, "chat", VOCAB).sampling.logprobs is None
+
+
+def test_tool_choice_auto_is_refused_with_the_way_out():
+    e = refused({"tools": [WEATHER]})                      # auto is the default when tools are given
+    assert e.param == "tool_choice" and "'required'" in e.message
+    assert refused({"tools": [WEATHER], "tool_choice": "auto"}).param == "tool_choice"
+    assert refused({"tool_choice": "required"}).param == "tool_choice"             # no tools
+    assert refused({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}
+                   ).param == "tool_choice"
+    assert refused({"tools": [{"type": "function"}], "tool_choice": "required"}).param == "tools[0]"
+    assert refused({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}],
+                    "tool_choice": "required"}).param == "tools[0]"
+    p = plan({"messages": MSGS, "tools": [WEATHER], "tool_choice": "none"}, "chat", VOCAB)
+    assert p.grammar is None and p.tool is None and not p.tool_list
+
+
+def test_schemas_the_grammar_cannot_follow_are_a_400():
+    e = refused({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}}}})
+    assert e.param == "response_format" and "no-such-format" in e.message
+    assert refused({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}).param == "response_format"
+    assert refused({"response_format": {"type": "xml"}}).param == "response_format"
+
+
+def _accepts(grammar: str, text: str) -> bool:
+    """Whether llguidance's grammar accepts `text` whole (byte-level tokenizer: no model needed)."""
+    tok = llguidance.LLTokenizer("byte")
+    m = llguidance.LLMatcher(tok, grammar, log_level=0)
+    ok = all(m.consume_token(t) for t in tok.tokenize_str(text))
+    return ok and m.is_accepting()
+
+
+def test_grammars_fix_the_output_shape():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    g = json_grammar(schema)
+    assert _accepts(g, '{"n": 3}') and not _accepts(g, '{"n": "3"}') and not _accepts(g, '{ "n":3}')
+    # declared properties only, unless the schema allows more (as vLLM reads schemas)
+    open_ = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    assert not _accepts(json_grammar(open_), '{"n": 3, "m": 4}') and _accepts(json_grammar(open_), "{}")
+    assert _accepts(json_grammar({**open_, "additionalProperties": True}), '{"n": 3, "m": 4}')
+    assert _accepts(json_grammar({"type": "object"}), '{"m": [1, {"k": null}]}')      # json_object: any object
+    tools = [("weather", WEATHER["function"]["parameters"]), ("clock", CLOCK["function"]["parameters"])]
+    many = tool_calls_grammar(tools, parallel=True)
+    text = '[{"name": "clock", "parameters": {"tz": "UTC"}}, {"name": "weather", "parameters": {"city": "Oslo"}}]'
+    assert _accepts(many, text)
+    assert not _accepts(many, '[{"name": "clock", "parameters": {"tz": "CET"}}]')
+    one = tool_calls_grammar(tools, parallel=False)
+    assert not _accepts(one, text) and _accepts(one, text.split(", {")[0] + "]")
+
+
+@settings(max_examples=200, deadline=None)
+@given(calls=st.lists(st.tuples(st.sampled_from(["weather", "clock", "a\"b"]),
+                                st.dictionaries(st.text(max_size=5), st.recursive(
+                                    st.none() | st.integers() | st.text(max_size=8),
+                                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
+                                                                                        max_size=3),
+                                    max_leaves=6), max_size=4)), min_size=1, max_size=3),
+       cuts=st.lists(st.integers(min_value=1, max_value=12), max_size=40))
+def test_tool_calls_read_in_any_pieces_equal_the_whole(calls, cuts):
+    """However the generated text is split into stream pieces, the deltas add up to the calls."""
+    text = "[" + ", ".join('{"name": ' + json.dumps(n) + ', "parameters": ' + json.dumps(a) + "}"
+                           for n, a in calls) + "]"
+    whole = ToolCalls()
+    whole.feed(text)
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole.calls] == \
+        [(n, a) for n, a in calls]
+    r, pieces, i = ToolCalls(), [], 0
+    for k in cuts + [len(text)]:
+        pieces += r.feed(text[i:i + k])
+        i += k
+    rebuilt: dict[int, dict] = {}
+    for d in pieces:
+        if "id" in d:
+            assert d["index"] == len(rebuilt) and d["type"] == "function" and d["function"]["arguments"] == ""
+            rebuilt[d["index"]] = {"name": d["function"]["name"], "arguments": ""}
+        else:
+            rebuilt[d["index"]]["arguments"] += d["function"]["arguments"]
+    assert [(c["name"], c["arguments"]) for c in rebuilt.values()] == \
+        [(c["function"]["name"], c["function"]["arguments"]) for c in whole.calls]
+
+
+def test_named_tool_streams_its_head_first():
+    r = ToolCalls("weather")
+    first = r.feed('{"city": ')
+    assert first[0]["function"] == {"name": "weather", "arguments": ""} and first[0]["id"].startswith("chatcmpl-tool-")
+    assert first[1] == {"index": 0, "function": {"arguments": '{"city": '}}
+    r.feed('"Oslo"}')
+    assert r.calls[0]["function"]["arguments"] == '{"city": "Oslo"}'
