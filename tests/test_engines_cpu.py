@@ -9,13 +9,14 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from tests.helpers.inference import SMOLLM_NAME, minilm, node_and_gateway, smollm, smollm_tokenizer
+from tests.helpers.inference import SMOLLM, SMOLLM_NAME, minilm, node_and_gateway, smollm, smollm_tokenizer
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
 
@@ -53,6 +54,32 @@ def st_model():
 
 
 MSGS = [{"role": "user", "content": "List the planets of the solar system."}]
+
+
+def test_template_is_the_ggufs_plus_parts_and_tool_calls(tokenizer):
+    """inference/templates/smollm2.jinja renders plain conversations as the GGUF's own template does;
+    content parts as text, developer as system; tools and earlier calls in SmolLM2's format (a JSON list
+    inside <tool_call>, what vLLM's xlam parser reads)."""
+    from inference.weights import prepare
+    gguf = (Path(prepare(SMOLLM)) / "chat_template.jinja").read_text()
+
+    def render(msgs, **kw) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kw)
+    sys_ = {"role": "system", "content": "Be brief."}
+    for msgs in ([MSGS[0]], [sys_, MSGS[0]], [sys_, MSGS[0], {"role": "assistant", "content": "Eight."}, MSGS[0]]):
+        assert render(msgs) == render(msgs, chat_template=gguf)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": MSGS[0]["content"]}]}]
+    assert render(parts) == render([sys_, MSGS[0]], chat_template=gguf)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]
+    text = render(calls, tools=tools)
+    assert '<tools>[{"name": "get_weather", "parameters": {"type": "object"}}]</tools>' in text
+    said = re.search(r"<\|im_start\|>assistant\n<tool_call>(.*?)</tool_call><\|im_end\|>", text, re.S)
+    assert json.loads(said.group(1)) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert "<tool_response>\n18 C\n</tool_response>" in text
 
 
 def _prompt_len(tok, msgs) -> int:
