@@ -77,8 +77,11 @@ class Engine:
         argv, env = command(dep, str(spec), weights, "127.0.0.1", self.port, self.key)
         self.log = open(tmp / f"{name}.log", "wb")
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **env, **dep.env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"})
+        # through the node's launcher: the engine gets SIGTERM when this script goes, however it goes
+        self.proc = subprocess.Popen([sys.executable, "-m", "inference.engines.launch", *argv], cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **env, **dep.env, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                          "CBORG_NODE_PID": str(os.getpid())})
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 900) -> float:
