@@ -1,4 +1,7 @@
-"""Structured JSON logs: one object per line, with the fields a record carries in `extra`."""
+"""Structured JSON logs: one object per line, with the fields a record carries in `extra`.
+
+A record with `extra={PREFORMATTED: True}` already holds JSON lines (the request log, made per
+request and handed over in batches by the ledger): written as they are."""
 from __future__ import annotations
 
 import logging
@@ -7,11 +10,14 @@ import time
 
 import orjson
 
+PREFORMATTED = "cborg_json_lines"
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if record.__dict__.get(PREFORMATTED):
+            return record.getMessage()
         d = {"ts": round(record.created, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
              "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         for k, v in record.__dict__.items():
@@ -33,3 +39,5 @@ def setup_logging(level: str = "info", stream=None) -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+    # Request lines are switched by CBORG_REQUEST_LOGS, not by the level: they stay at --log-level warning.
+    logging.getLogger("cborg.request").setLevel(logging.INFO)

