@@ -16,9 +16,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.conftest import MASTER_KEY, running_gateway
 from tests.helpers.browser import PHONE, chromium, require_browser, screenshot
-from tests.helpers.identity import oidc_provider, set_user
+from tests.helpers.identity import QUIET, oidc_provider, set_user
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600), *QUIET]
 
 ALICE, BOB, ADMIN = "alice@lbl.gov", "bob@cs.lbl.gov", "admin@lbl.gov"
 OIDC = {"oidc_client_id": "cborg-key-manager", "oidc_client_secret": "client-secret-for-tests",

@@ -35,7 +35,7 @@ def models_for(gw: "Gateway", user_id: str) -> list[dict]:
         out.append({"name": name, "description": r.model.description or (f"an alias of {r.model.name}"
                                                                           if r.is_alias else ""),
                     "mode": r.model.mode, "free": not r.commercial, "input": p.input, "output": p.output,
-                    "alias_of": r.model.name if r.is_alias else None, "state": st})
+                    "state": st})
     return sorted(out, key=lambda m: (not m["free"], m["name"]))
 
 

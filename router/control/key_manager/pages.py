@@ -9,8 +9,9 @@ from fastapi import APIRouter, Request
 
 from ... import auth
 from ...durations import parse_duration
-from ...key_admin import KeyInputError, create_key, revoke_key, validate
+from ...key_admin import KeyInputError, create_key, validate
 from ..deps import gateway
+from ..keys import revoke as revoke_key
 from ..schemas import KeyGenerate
 from .data import self_service_spec, user_view
 from .errors import PageError
@@ -116,8 +117,7 @@ async def revoke(request: Request, key_id: str):
     if rec is None or rec.id != key_id or rec.user_id != v.email:
         raise PageError(404, "You have no such key.")
     if rec.revoked_at is None:
-        rec = await revoke_key(gw.store, rec.id)
-        gw.keys.put(rec)
+        rec = await revoke_key(gw, rec)
         log.info("Key Manager: %s revoked key %s", v.email, rec.id)
     flash(request, f"Key {rec.alias or rec.key_hint} is revoked: it no longer works.")
     return back(PATH)
