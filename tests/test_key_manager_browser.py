@@ -99,11 +99,37 @@ def unlabelled(d) -> list[str]:
       return out;""")
 
 
+def low_contrast(d) -> list[str]:
+    """Text below WCAG AA's 4.5:1 against the background it is drawn on (SVG text aside)."""
+    return d.execute_script("""
+      const lum = c => { const [r, g, b] = c.match(/[\\d.]+/g).slice(0, 3).map(v => { v /= 255;
+        return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b; };
+      const bg = el => { for (; el; el = el.parentElement) { const c = getComputedStyle(el).backgroundColor;
+        const a = c.match(/[\\d.]+/g); if (a && (a.length < 4 || +a[3] > 0)) return c; } return 'rgb(255,255,255)'; };
+      const out = [];
+      for (const el of document.querySelectorAll('body *')) {
+        if (el.closest('svg') || !el.getClientRects().length) continue;
+        if (![...el.childNodes].some(n => n.nodeType === 3 && n.textContent.trim())) continue;
+        const a = lum(getComputedStyle(el).color), b = lum(bg(el));
+        const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+        if (ratio < 4.5) out.push(el.tagName + ' "' + el.textContent.trim().slice(0, 40) + '" ' + ratio.toFixed(2));
+      }
+      return out;""")
+
+
+def check_page(d) -> None:
+    """What every page must be: fields and buttons named, text readable, no sideways scrolling."""
+    assert unlabelled(d) == []
+    assert low_contrast(d) == []
+    assert no_horizontal_scroll(d)
+
+
 def test_sign_in_page_without_a_session(site):
     with chromium() as d:
         d.get(site.url + "/key/manage")
         assert "Sign in with your lab account" in text(d)
-        assert unlabelled(d) == []
+        check_page(d)
         screenshot(d, "signin", site.tmp)
 
 
@@ -112,7 +138,7 @@ def test_researcher_makes_a_key_uses_it_sees_the_cost_and_revokes_it(site, fresh
         sign_in(d, site, ALICE)
         assert "Hello, Alice Researcher" in text(d)
         assert "No key yet" in text(d)
-        assert unlabelled(d) == []
+        check_page(d)
         # a key, made with the keyboard alone: type a name, pick the expiry, Enter
         d.find_element(By.ID, "alias").send_keys("notebook")
         Select(d.find_element(By.ID, "expiry")).select_by_value("30d")
@@ -123,6 +149,7 @@ def test_researcher_makes_a_key_uses_it_sees_the_cost_and_revokes_it(site, fresh
         assert site.url in d.find_element(By.ID, "snippet-claude").text
         d.find_element(By.CSS_SELECTOR, "[data-copy=new-secret]").click()
         wait(d, lambda: d.find_element(By.CSS_SELECTOR, "[data-copy=new-secret]").text == "Copied", 5)
+        check_page(d)
         screenshot(d, "key-created", site.tmp)
         [rec] = site.keys_of(ALICE)
         assert rec.alias == "notebook" and 29 * 86400 < rec.expires_at - time.time() <= 30 * 86400
@@ -142,8 +169,8 @@ def test_researcher_makes_a_key_uses_it_sees_the_cost_and_revokes_it(site, fresh
         assert float(d.find_element(By.ID, "spend").get_attribute("value")) == pytest.approx(cost)
         assert d.find_elements(By.CSS_SELECTOR, ".chart svg rect")          # today's bar
         assert "openai/gpt-4o-mini" in d.find_element(By.CSS_SELECTOR, ".legend").text
-        assert no_horizontal_scroll(d)
-        screenshot(d, "researcher", site.tmp)
+        check_page(d)
+        screenshot(d, "researcher-first-call", site.tmp)
 
         # revoked: the SDK gets a 401 at once
         d.find_element(By.CSS_SELECTOR, f"tr[data-key-id='{rec.id}'] button.danger").click()
@@ -158,6 +185,54 @@ def test_researcher_makes_a_key_uses_it_sees_the_cost_and_revokes_it(site, fresh
         wait(d, lambda: "Sign in with your lab account" in text(d))
 
 
+def test_a_month_of_spend_in_the_chart(site):
+    """Thirty days of calls to nine models: a bar for every day with spend, the seven biggest
+    models in the legend and the rest as "other models", the table and the legend adding up."""
+    import random
+
+    from router.accounting.ledger import spend_deltas
+    from router.auth import hash_key
+
+    rnd = random.Random(5)
+    user = "dana@lbl.gov"
+    set_user(site.issuer, user, name="Dana Scientist")
+    keys = [site.gw.run(site.gw.gw.store.key_by_hash(hash_key(site.gw.new_key(user, key_alias=a))))
+            for a in ("laptop", "analysis pipeline")]
+    models = ["anthropic/claude-sonnet", "openai/gpt-4.1", "openai/gpt-4o-mini", "google/gemini-flash",
+              "anthropic/claude-haiku", "xai/grok-mini", "openai/o3-mini", "aws/llama-3.1-8b", "google/gemini-pro"]
+    now, rows, quiet = time.time(), [], {3, 4, 10, 11, 17, 18, 24, 25}       # weekends off
+    for day in range(30):
+        if day in quiet:
+            continue
+        for i in range(rnd.randint(5, 25)):
+            m = models[min(int(rnd.expovariate(0.45)), len(models) - 1)]
+            k = rnd.choice(keys)
+            rows.append((f"demo-{day}-{i}", now - day * 86400 - rnd.uniform(0, 3600), k.id, user, m, m, "demo",
+                         2000, 0, 500, round(rnd.uniform(0.002, 0.12), 4), 200, 900.0, 300.0, 0, 0))
+    site.gw.run(site.gw.gw.store.write_ledger(rows, *spend_deltas(rows, {}), now))
+    first = int(now // 86400) - 29                 # the chart's UTC days
+    shown_rows = [r for r in rows if r[1] // 86400 >= first]
+    by_model: dict[str, float] = {}
+    for r in shown_rows:
+        by_model[r[4]] = by_model.get(r[4], 0.0) + r[10]
+    with chromium() as d:
+        sign_in(d, site, user)
+        legend = d.find_elements(By.CSS_SELECTOR, ".legend li")
+        names = [li.text.split(":")[0] for li in legend]
+        top = sorted(by_model, key=lambda m: -by_model[m])[:7]
+        assert names == top + ["other models"]
+        shown = [float(li.find_element(By.TAG_NAME, "data").get_attribute("value")) for li in legend]
+        assert sum(shown) == pytest.approx(sum(by_model.values()))
+        assert shown[:7] == pytest.approx([by_model[m] for m in top])
+        days = {int(r[1] // 86400) for r in shown_rows}
+        d.find_element(By.CSS_SELECTOR, ".card details summary").click()
+        assert len(d.find_elements(By.CSS_SELECTOR, ".card details tbody tr")) == len(days)
+        assert len({b.get_attribute("x") for b in d.find_elements(By.CSS_SELECTOR, "svg.plot rect")}) == len(days)
+        check_page(d)
+        d.find_element(By.CSS_SELECTOR, ".card details summary").click()
+        screenshot(d, "researcher", site.tmp)
+
+
 def test_on_a_phone(site):
     """No sideways scrolling at a phone's width; tables become one card per row."""
     set_user(site.issuer, BOB, name="Bob")              # a subdomain of an allowed domain
@@ -166,9 +241,9 @@ def test_on_a_phone(site):
         d.find_element(By.ID, "alias").send_keys("phone")
         d.find_element(By.CSS_SELECTOR, "#new-key button[type=submit]").click()
         wait(d, lambda: "Your new key" in d.title)
-        assert no_horizontal_scroll(d)
+        check_page(d)
         d.get(site.url + "/key/manage")
-        assert no_horizontal_scroll(d)
+        check_page(d)
         assert d.execute_script("return getComputedStyle(document.querySelector('table.keys thead')).position")\
             == "absolute"
         screenshot(d, "researcher-phone", site.tmp)
@@ -213,7 +288,7 @@ def test_admin_sees_users_sets_a_budget_and_blocks_a_key(site):
         d.find_element(By.LINK_TEXT, "Users").click()
         month = f"tr[data-user='{ALICE}'] td[data-label='Last 30 days'] data"
         reload_until(d, d.current_url, lambda: float(d.find_element(By.CSS_SELECTOR, month).get_attribute("value")) > 0)
-        assert unlabelled(d) == []
+        check_page(d)
         screenshot(d, "admin-users", site.tmp)
 
         d.find_element(By.CSS_SELECTOR, f"tr[data-user='{ALICE}'] a").click()
@@ -230,6 +305,7 @@ def test_admin_sees_users_sets_a_budget_and_blocks_a_key(site):
         info = site.gw.admin("GET", f"/user/info?user_id={ALICE}").json()["user_info"]
         assert info["max_budget"] == 12.5 and info["rpm_limit"] == 600
         assert "$12.50" in d.find_element(By.CSS_SELECTOR, ".budget").text
+        check_page(d)
         screenshot(d, "admin-user", site.tmp)
 
         d.find_element(By.LINK_TEXT, "All keys").click()
@@ -245,6 +321,7 @@ def test_admin_sees_users_sets_a_budget_and_blocks_a_key(site):
             client.chat.completions.create(model="openai/gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
         assert "blocked" in str(e.value)
         d.get(site.url + "/key/manage/admin/keys")
+        check_page(d)
         screenshot(d, "admin-keys", site.tmp)
 
 
@@ -282,6 +359,7 @@ def test_admin_swaps_a_model_on_the_cpu_node(tmp_path_factory):
             def state(name: str) -> str:
                 return d.find_element(By.CSS_SELECTOR, f"tr[data-deployment='{name}'] .badge").text
             wait(d, lambda: state("embed-b") == "ready" and state("embed-a") == "stopped", 240)   # the page follows
+            check_page(d)
             screenshot(d, "admin-models", tmp)
         node.wait("embed-b", "ready")
         gw.wait_model("lbl/nomic-embed-text")

@@ -11,7 +11,11 @@ import pytest
 
 from tests.helpers.servers import free_port
 
-# oidc-provider-mock uses Authlib's deprecated JOSE and grant APIs: not ours to fix (pytestmark of its users)
+# oidc-provider-mock uses Authlib's deprecated JOSE and grant APIs: not ours to fix (pytestmark of its
+# users). Authlib turns its own deprecation warnings on ("always") when authlib.deprecate is first
+# imported: imported here, at collection, so that a test's filters come after it and win.
+import authlib.deprecate  # noqa: E402,F401
+
 QUIET = [pytest.mark.filterwarnings("ignore:authlib.jose module is deprecated"),
          pytest.mark.filterwarnings("ignore:get_jwt_config:DeprecationWarning")]
 
