@@ -238,7 +238,14 @@ class PostgresStore:
             args += list(before)
         sql = ("SELECT * FROM keys" + (" WHERE " + " AND ".join(where) if where else "")
                + f" ORDER BY created_at DESC, id DESC LIMIT ${len(args) + 1}")
-        return [key_from_row(dict(r)) for r in await self.pool.fetch(sql, *args, limit)]
+        async with self.pool.acquire() as c:
+            async with c.transaction():
+                # A plan for these values: the generic plan of the prepared statement cannot tell a
+                # search matching one key from one matching 30,000, and walks the whole created_at
+                # index for the former (440 ms at 100,000 keys; 0.3 ms with the indexes it names).
+                await c.execute("SET LOCAL plan_cache_mode = force_custom_plan")
+                rows = await c.fetch(sql, *args, limit)
+        return [key_from_row(dict(r)) for r in rows]
 
     async def count_keys(self) -> int:
         return await self.pool.fetchval("SELECT COUNT(*) FROM keys")
