@@ -83,7 +83,7 @@ async def fill(url: str, n_keys: int, n_rows: int, seed: int = 7) -> dict:
             model, pin, pout = rnd.choice(MODELS)
             p, c = rnd.randint(10, 4000), rnd.randint(1, 1000)
             rows.append((f"req-{i}", now - rnd.uniform(0, 60 * DAY), k.id, k.user_id, model, model, "bench", p, 0, c,
-                         (p * pin + c * pout) / 1e6, 200, 100.0, 50.0, 0, 0))
+                         (p * pin + c * pout) / 1e6, 200, 100.0, 50.0, 0, 0, "chat/completions"))
         kd, ud = spend_deltas(rows, {})
         await store.write_ledger(rows, kd, ud, now)
     t_rows = time.perf_counter() - t0

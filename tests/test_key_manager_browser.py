@@ -170,7 +170,6 @@ def test_researcher_makes_a_key_uses_it_sees_the_cost_and_revokes_it(site, fresh
         assert d.find_elements(By.CSS_SELECTOR, ".chart svg rect")          # today's bar
         assert "openai/gpt-4o-mini" in d.find_element(By.CSS_SELECTOR, ".legend").text
         check_page(d)
-        screenshot(d, "researcher-first-call", site.tmp)
 
         # revoked: the SDK gets a 401 at once
         d.find_element(By.CSS_SELECTOR, f"tr[data-key-id='{rec.id}'] button.danger").click()
@@ -208,7 +207,7 @@ def test_a_month_of_spend_in_the_chart(site):
             m = models[min(int(rnd.expovariate(0.45)), len(models) - 1)]
             k = rnd.choice(keys)
             rows.append((f"demo-{day}-{i}", now - day * 86400 - rnd.uniform(0, 3600), k.id, user, m, m, "demo",
-                         2000, 0, 500, round(rnd.uniform(0.002, 0.12), 4), 200, 900.0, 300.0, 0, 0))
+                         2000, 0, 500, round(rnd.uniform(0.002, 0.12), 4), 200, 900.0, 300.0, 0, 0, "chat/completions"))
     site.gw.run(site.gw.gw.store.write_ledger(rows, *spend_deltas(rows, {}), now))
     first = int(now // 86400) - 29                 # the chart's UTC days
     shown_rows = [r for r in rows if r[1] // 86400 >= first]

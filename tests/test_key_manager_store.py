@@ -33,7 +33,8 @@ async def store(store_url):
 
 
 def row(i: int, ts: float, key: str, model: str, cost: float) -> tuple:
-    return (f"req-{i}", ts, key, OWNER[key], model, model, "openai", 10, 0, 5, cost, 200, 12.0, 12.0, 0, 0)
+    return (f"req-{i}", ts, key, OWNER[key], model, model, "openai", 10, 0, 5, cost, 200, 12.0, 12.0, 0, 0,
+            "chat/completions")
 
 
 def sample_rows(n: int, start: int = 0, seed: int = 1) -> list[tuple]:
@@ -111,7 +112,7 @@ async def test_the_migration_fills_the_aggregate_from_the_existing_ledger(store_
     old = open_store(url)
     await old.init()
     if backend == "postgres":                                 # its ledger, as the old flush wrote it
-        await old.pool.copy_records_to_table("ledger", records=[(*r[:14], bool(r[14]), bool(r[15])) for r in rows],
+        await old.pool.copy_records_to_table("ledger", records=[(*r[:14], bool(r[14]), bool(r[15]), *r[16:]) for r in rows],
                                              columns=list(LEDGER_COLUMNS))
     else:
         await old._run(lambda db: mod.insert_rows(db, rows))

@@ -23,8 +23,10 @@ from starlette.datastructures import FormData
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
 
+from common.paths import cborg_home
+
 from ... import auth
-from ...config import Settings, cborg_home
+from ...config import Settings
 from .errors import PageError
 
 COOKIE = "cborg_km"
