@@ -11,6 +11,12 @@ the aggregate and computed from the ledger, side by side.
 
     python scripts/bench_key_manager.py [--keys 100000] [--rows 1000000] [--db sqlite|postgresql://...]
                                         [--requests 30] [--keep DIR]
+
+What the aggregate costs the ledger writer (a thread of the gateway's process, off the request
+path): flushes of 2,000 rows written with it and without it (its function replaced by one that
+returns nothing), alternating, on a fresh database of the same kind:
+
+    python scripts/bench_key_manager.py --writer [--db ...] [--batches 100]
 """
 from __future__ import annotations
 
@@ -149,6 +155,43 @@ async def cursor_at(url: str, n: int) -> str:
     return f"{page[-1].created_at!r}_{page[-1].id}"
 
 
+async def writer_cost(url: str, batches: int, seed: int = 11) -> dict:
+    """CPU seconds of this process per ledger row written, with the daily aggregate and without,
+    batches alternating (the rows of a flush: a few busy keys and models, as in a real half second)."""
+    from router.accounting.ledger import spend_deltas
+    from router.store import open_store
+    import router.store.postgres as pg
+    import router.store.sqlite as sq
+
+    mod = pg if url.startswith("postgres") else sq
+    rnd = random.Random(seed)
+    store = open_store(url)
+    await store.init()
+    now = time.time()
+    keys = [(f"key-w{i}", f"writer{i % 10}@lbl.gov") for i in range(40)]
+    real = mod.daily_totals
+    cpu = {"with": 0.0, "without": 0.0}
+    try:
+        for b in range(2 * batches + 2):
+            rows = []
+            for i in range(BATCH):
+                k, u = rnd.choice(keys)
+                model = rnd.choice(MODELS)[0]
+                rows.append((f"w{b}-{i}", now, k, u, model, model, "bench", 100, 0, 20, 0.0001, 200, 10.0, 5.0,
+                             0, 0, "chat/completions"))
+            mode = "with" if b % 2 else "without"
+            mod.daily_totals = real if mode == "with" else (lambda rows: [])
+            t = time.process_time()
+            await store.write_ledger(rows, *spend_deltas(rows, {}), now)
+            if b >= 2:                                   # (the first pair warms up)
+                cpu[mode] += time.process_time() - t
+    finally:
+        mod.daily_totals = real
+        await store.close()
+    per = {m: cpu[m] / (batches * BATCH) * 1e6 for m in cpu}
+    return {**per, "ratio": per["without"] / per["with"]}
+
+
 def main() -> None:
     import httpx
 
@@ -158,7 +201,17 @@ def main() -> None:
     ap.add_argument("--db", default="sqlite", help="sqlite (a file in the work directory) or a postgresql:// URL")
     ap.add_argument("--requests", type=int, default=30)
     ap.add_argument("--keep", help="work directory to keep (and reuse: an existing database is not filled again)")
+    ap.add_argument("--writer", action="store_true", help="the ledger writer's cost with and without the aggregate")
+    ap.add_argument("--batches", type=int, default=100)
     a = ap.parse_args()
+    if a.writer:
+        work = Path(tempfile.mkdtemp(prefix="cborg-km-writer-"))
+        url = f"sqlite:///{work / 'w.db'}" if a.db == "sqlite" else a.db
+        r = asyncio.run(writer_cost(url, a.batches))
+        print(f"ledger writer, {a.batches} flushes of {BATCH} rows each way ({a.db}): CPU per row "
+              f"{r['with']:.1f} us with the aggregate, {r['without']:.1f} us without (without / with {r['ratio']:.2f})")
+        shutil.rmtree(work, ignore_errors=True)
+        return
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="cborg-km-bench-"))
     work.mkdir(parents=True, exist_ok=True)
