@@ -14,7 +14,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.conftest import MASTER_KEY, running_gateway
+from tests.conftest import running_gateway
 from tests.helpers.browser import PHONE, chromium, require_browser, screenshot
 from tests.helpers.identity import QUIET, oidc_provider, set_user
 

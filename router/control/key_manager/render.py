@@ -4,7 +4,6 @@ content security policy that allows this site's own scripts, styles and forms on
 from __future__ import annotations
 
 import math
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -58,8 +57,7 @@ def flash(request: Request, text: str, kind: str = "ok") -> None:
 
 def page(request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
     ctx.setdefault("viewer", viewer(request))
-    ctx.update(request=request, csrf=csrf_token(request), flash=request.session.pop("flash", None),
-               now=time.time())
+    ctx.update(request=request, csrf=csrf_token(request), flash=request.session.pop("flash", None))
     return templates.TemplateResponse(request, name, ctx, status_code=status, headers=HEADERS)
 
 
