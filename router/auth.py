@@ -72,10 +72,32 @@ def allowed(key: KeyRecord, route: "Route") -> bool:
     return "*" in models or "all-proxy-models" in models
 
 
+def master_matches(master_key: str | None, token: str | None) -> bool:
+    """`token` is this gateway's master key (compared in constant time)."""
+    return bool(master_key and token and hmac.compare_digest(master_key.encode(), token.encode()))
+
+
 def is_master(master_key: str | None, headers: dict[bytes, bytes]) -> bool:
-    """The request carries this gateway's master key (compared in constant time)."""
-    tok = bearer_token(headers)
-    return bool(master_key and tok and hmac.compare_digest(master_key.encode(), tok.encode()))
+    """The request carries this gateway's master key."""
+    return master_matches(master_key, bearer_token(headers))
+
+
+def key_manager_role(email: str, domains: tuple[str, ...], admins: tuple[str, ...],
+                     verified: bool | None = None) -> str | None:
+    """Who someone the lab's identity provider vouches for is in the Key Manager: "admin" (their
+    e-mail is in CBORG_ADMIN_EMAILS), "user" (an e-mail in CBORG_OIDC_ALLOWED_DOMAINS or a
+    subdomain of one; any e-mail when none is set), or None: not let in. An e-mail the provider
+    says is not verified (email_verified false) is nobody's."""
+    email = email.strip().lower()
+    at = email.rfind("@")
+    if verified is False or at <= 0:
+        return None
+    if email in admins:
+        return "admin"
+    domain = email[at + 1:]
+    if not domains or any(domain == d or domain.endswith("." + d) for d in domains):
+        return "user"
+    return None
 
 
 def require_master(master_key: str | None, headers: dict[bytes, bytes]) -> None:

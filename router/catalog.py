@@ -162,6 +162,29 @@ class ResponsesConf(_Strict):
         return parse_duration(self.retention)
 
 
+class KeyManagerConf(_Strict):
+    """The lab's rules for keys researchers make themselves in the Key Manager (/key/manage)."""
+
+    default_expiry: str = Field("365d", description="a new key's lifetime unless the researcher picks a shorter one")
+    max_expiry: str | None = Field("365d", description="the longest lifetime a researcher may pick; null: never expires")
+    max_keys_per_user: int = Field(20, ge=1, le=10_000, description="keys a researcher may hold at once (not revoked, not expired)")
+    models: list[str] = Field([], description="model names or patterns (lbl/*) self-service keys may use; empty: all")
+
+    @model_validator(mode="after")
+    def _expiries(self) -> "KeyManagerConf":
+        default = parse_duration(self.default_expiry)
+        top = parse_duration(self.max_expiry)
+        if default is None or default <= 0:
+            raise ValueError("default_expiry: must be a positive duration such as 365d")
+        if top is not None and default > top:
+            raise ValueError(f"default_expiry ({self.default_expiry}) is longer than max_expiry ({self.max_expiry})")
+        return self
+
+    @property
+    def max_expiry_s(self) -> float | None:
+        return parse_duration(self.max_expiry)
+
+
 class CatalogConf(BaseModel):
     """The whole file. Sections other than these belong to other parts (the inference node)."""
 
@@ -172,6 +195,7 @@ class CatalogConf(BaseModel):
     aliases: list[AliasConf] = []
     limits: LimitsConf = LimitsConf()
     responses: ResponsesConf = ResponsesConf()
+    key_manager: KeyManagerConf = KeyManagerConf()
 
     @model_validator(mode="after")
     def _cross_check(self) -> "CatalogConf":
@@ -270,6 +294,10 @@ class Catalog:
         for v in ambiguous:
             self._names.pop(v, None)
         self._lower = {k.lower(): r for k, r in self._names.items()}
+        try:
+            self.self_service_models = self.key_models(conf.key_manager.models)
+        except ValueError as e:
+            raise ConfigError(f"key_manager.models: {e}") from None
 
     def _prompt(self, ref: str | None, where: str) -> str | None:
         if not ref:

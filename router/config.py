@@ -10,6 +10,11 @@ from common.paths import cborg_home
 from .catalog import default_config_path
 
 
+def words(text: str | None) -> tuple[str, ...]:
+    """A comma- or space-separated list (e-mails, domains), lower-cased."""
+    return tuple(w.lower() for w in (text or "").replace(",", " ").split())
+
+
 @dataclass
 class Settings:
     config_path: Path
@@ -27,6 +32,14 @@ class Settings:
     nodes: list[dict] | None = None     # overrides the profile's node list (cborg serve, tests)
     node_poll_s: float = 2.0            # how often each node's status is read
     metrics_token: str | None = None    # when set, GET /metrics wants it as a bearer token
+    # The Key Manager's sign-in (router/control/key_manager): OpenID Connect with the lab's identity
+    # provider; without an issuer, only admins sign in, with the master key.
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None      # none: a public client (PKCE alone)
+    oidc_allowed_domains: tuple[str, ...] = ()  # e-mail domains that may sign in (and their subdomains)
+    admin_emails: tuple[str, ...] = ()          # who sees the admin pages
+    session_secret: str | None = None           # signs the Key Manager's cookies (see key_manager/sessions.py)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -46,6 +59,12 @@ class Settings:
             profile=env.get("CBORG_PROFILE") or None,
             node_poll_s=float(env.get("CBORG_NODE_POLL_S") or 2.0),
             metrics_token=env.get("CBORG_METRICS_TOKEN") or None,
+            oidc_issuer=(env.get("CBORG_OIDC_ISSUER") or "").rstrip("/") or None,
+            oidc_client_id=env.get("CBORG_OIDC_CLIENT_ID") or None,
+            oidc_client_secret=env.get("CBORG_OIDC_CLIENT_SECRET") or None,
+            oidc_allowed_domains=words(env.get("CBORG_OIDC_ALLOWED_DOMAINS")),
+            admin_emails=words(env.get("CBORG_ADMIN_EMAILS")),
+            session_secret=env.get("CBORG_SESSION_SECRET") or None,
         )
         for k, v in overrides.items():
             setattr(s, k, v)

@@ -69,3 +69,22 @@ cborg_agents_env() {
   fi
   export CBORG_REQUIRE_AGENTS=1
 }
+
+# Debian's Chromium and ChromeDriver for the Key Manager's browser tests (tests/test_key_manager_browser.py):
+# installed with apt-get where they are missing and this runs as root; elsewhere those tests skip
+# saying why (and fail under CBORG_REQUIRE_SERVICES=1).
+cborg_browser_env() {
+  if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    return 0
+  fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "==> installing chromium and chromium-driver (apt-get) for the browser tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } \
+      || echo "==> could not install chromium: the browser tests will skip" >&2
+  else
+    echo "==> no /usr/bin/chromium or /usr/bin/chromedriver (Debian: apt-get install chromium chromium-driver):" \
+         "the browser tests will skip" >&2
+  fi
+}

@@ -52,6 +52,28 @@ def spend_deltas(rows: list[tuple], periods: dict[str, tuple]) -> tuple[dict[str
     return keys, users
 
 
+DAY_S = 86400
+
+
+def daily_totals(rows: list[tuple]) -> list[tuple]:
+    """A batch's rows summed per (user, UTC day, key, model): requests, prompt tokens, completion
+    tokens, cost. The stores add them to the daily aggregate (table spend_daily) in the rows'
+    transaction, so that the Key Manager's pages read days, never the ledger. Sorted: replicas
+    flushing together update the aggregate's rows in the same order."""
+    acc: dict[tuple, list] = {}
+    for r in rows:
+        k = (r[3], int(r[1] // DAY_S), r[2], r[4])
+        a = acc.get(k)
+        if a is None:
+            acc[k] = [1, r[7], r[9], r[10]]
+        else:
+            a[0] += 1
+            a[1] += r[7]
+            a[2] += r[9]
+            a[3] += r[10]
+    return [(*k, *v) for k, v in sorted(acc.items())]
+
+
 class Ledger:
     def __init__(self, store, interval: float = 0.5, max_batch: int = 2000, log_requests: bool = True,
                  max_queue: int = 2_000_000):

@@ -14,7 +14,7 @@ from common import control_errors
 from common.body_limit import BodyLimit
 from common.tasks import lifespan
 
-from . import health, hotpath_docs, info, keys, models_admin, users
+from . import health, hotpath_docs, info, key_manager, keys, models_admin, users
 
 if TYPE_CHECKING:
     from ..app import Gateway
@@ -59,6 +59,7 @@ def build(gw: "Gateway") -> FastAPI:
         app.include_router(r, prefix="/v1", include_in_schema=False)   # every path under /v1 too
     app.include_router(models_admin.router)
     app.include_router(health.router)
+    key_manager.install(app, gw)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def landing(request: Request) -> HTMLResponse:

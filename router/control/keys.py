@@ -62,11 +62,23 @@ async def update(body: KeyUpdate, request: Request):
     return json({"key": rec.id, "info": key_info(rec, gw.policy)})
 
 
-async def _set_blocked(request: Request, body: KeyTarget, blocked: bool):
-    gw = gateway(request)
-    rec = await lookup(gw, body.key)
+async def set_blocked(gw: "Gateway", rec: KeyRecord, blocked: bool) -> KeyRecord:
+    """Block or unblock a key: at once on this replica, on the others at their next key poll."""
     rec = await gw.store.update_key(rec.id, {"blocked": blocked})
     gw.keys.put(rec)
+    return rec
+
+
+async def revoke(gw: "Gateway", rec: KeyRecord) -> KeyRecord:
+    """Revoke a key for good: at once on this replica, on the others at their next key poll."""
+    rec = await revoke_key(gw.store, rec.id)
+    gw.keys.put(rec)
+    return rec
+
+
+async def _set_blocked(request: Request, body: KeyTarget, blocked: bool):
+    gw = gateway(request)
+    rec = await set_blocked(gw, await lookup(gw, body.key), blocked)
     return json({"key": rec.id, "blocked": rec.blocked})
 
 
@@ -89,9 +101,7 @@ async def delete(body: KeyDelete, request: Request):
         raise HTTPError(400, "Name the keys to delete: {\"keys\": [...]}.", param="keys")
     done = []
     for rec in [await lookup(gw, ref) for ref in refs]:   # all found, or none revoked
-        rec = await revoke_key(gw.store, rec.id)
-        gw.keys.put(rec)
-        done.append(rec.id)
+        done.append((await revoke(gw, rec)).id)
     return json({"deleted_keys": done})
 
 

@@ -1,6 +1,8 @@
 """The user API (LiteLLM's): a user's spend, limits and keys; an admin sets a user's own limits."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import APIRouter, Request
 
 from common.asgi import HTTPError
@@ -9,7 +11,18 @@ from .deps import Caller, MasterKey, gateway, json
 from .schemas import Text, UserUpdate
 from .views import ERRORS, UserInfo, user_info_of
 
+if TYPE_CHECKING:
+    from ..app import Gateway
+
 router = APIRouter(tags=["users"], responses=ERRORS)
+
+
+async def set_limits(gw: "Gateway", uid: str, changes: dict) -> None:
+    """Store a user's own limits (UserUpdate.changes()): this replica applies them at once, the
+    others at their next key poll."""
+    gw.keys.users[uid] = await gw.store.update_user(uid, changes)
+    for k in await gw.store.list_keys(uid):
+        gw.keys.put(k)
 
 
 @router.post("/user/update", dependencies=[MasterKey], response_model=UserInfo,
@@ -19,10 +32,7 @@ async def update_user(body: UserUpdate, request: Request):
     uid = body.user_id
     changes = body.changes()
     if changes:
-        # This replica applies them at once; the others at their next key poll.
-        gw.keys.users[uid] = await gw.store.update_user(uid, changes)
-        for k in await gw.store.list_keys(uid):
-            gw.keys.put(k)
+        await set_limits(gw, uid, changes)
     return json(await user_info_of(gw, uid) or {"user_id": uid, "user_info": None, "keys": []})
 
 

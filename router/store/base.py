@@ -77,6 +77,31 @@ class ResponseRecord:
     created_at: float = field(default_factory=time.time)
 
 
+@dataclass(slots=True)
+class UserSummary:
+    """A line of the admin's user list: the user's record (None: only keys so far) and key counts."""
+    user_id: str
+    user: UserRecord | None
+    keys: int
+    active_keys: int      # not revoked
+
+
+@dataclass(slots=True)
+class DaySpend:
+    """One line of the daily aggregate (table spend_daily): a key's calls to a model on a UTC day."""
+    day: int              # days since 1970-01-01, UTC
+    key_id: str
+    model: str
+    requests: int
+    cost: float
+
+
+def prefix_range(prefix: str) -> tuple[str, str]:
+    """Bounds of the strings that start with `prefix`, in code-point (UTF-8 byte) order: an
+    index range scan, where LIKE 'x%' would not use the index (SQLite) or not in every collation."""
+    return prefix, prefix + "\U0010ffff"
+
+
 KEY_FIELDS = tuple(f.name for f in fields(KeyRecord))
 USER_FIELDS = tuple(f.name for f in fields(UserRecord))
 USER_LIMIT_FIELDS = ("max_budget", "budget_period", "max_parallel", "rpm", "tpm")
@@ -138,6 +163,20 @@ class Store(Protocol):
     async def delete_response(self, response_id: str) -> bool: ...
     async def purge_responses(self, before: float) -> int:
         """Delete responses created before `before` (the retention in models.yaml); how many went."""
+        ...
+    async def search_keys(self, text: str | None, before: tuple[float, str] | None, limit: int) -> list[KeyRecord]:
+        """Keys newest first, `limit` of them after the cursor `before` (created_at, id); with
+        `text`: the key whose id or secret it is, and keys whose owner or alias starts with it."""
+        ...
+    async def count_keys(self) -> int: ...
+    async def list_users(self, prefix: str, after: str, limit: int) -> list[UserSummary]:
+        """Users (with keys, or a record) whose id starts with `prefix`, in id order after `after`."""
+        ...
+    async def daily_spend(self, user_id: str, since_day: int) -> list[DaySpend]:
+        """A user's daily aggregate from `since_day` on."""
+        ...
+    async def users_spend_since(self, user_ids: list[str], since_day: int) -> dict[str, float]:
+        """Each user's cost from `since_day` on, from the daily aggregate."""
         ...
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
         """(spend, budget_reset_at) as last written, by limiter scope name ("k:<key id>", "u:<user id>")."""

@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 import orjson
 
-from ..accounting.ledger import LEDGER_COLUMNS
+from ..accounting.ledger import LEDGER_COLUMNS, daily_totals
 from ..limits.budget import roll
-from .base import (KEY_FIELDS, KeyRecord, ResponseRecord, UserRecord, key_from_row, key_to_row,
-                   user_from_row, user_update_values)
+from .base import (KEY_FIELDS, DaySpend, KeyRecord, ResponseRecord, UserRecord, UserSummary, key_from_row,
+                   key_to_row, prefix_range, user_from_row, user_update_values)
 
 # Each entry is one schema version; a database is brought forward from the version it records.
 MIGRATIONS: list[str] = [
@@ -104,6 +104,28 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX responses_created ON responses(created_at);
     """,
+    # The Key Manager's pages: spend per user, UTC day, key and model, added to in the ledger
+    # flush's transaction (from the ledger's existing rows here, once), so that no page scans the
+    # ledger; the admin's key list newest first a page at a time, and found by alias.
+    """
+    CREATE TABLE spend_daily (
+        user_id TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        key_id TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        cost REAL NOT NULL,
+        PRIMARY KEY (user_id, day, key_id, model)
+    ) WITHOUT ROWID;
+    INSERT INTO spend_daily
+        SELECT user_id, CAST(ts / 86400 AS INTEGER), key_id, model, COUNT(*), SUM(prompt_tokens),
+               SUM(completion_tokens), SUM(cost)
+        FROM ledger GROUP BY 1, 2, 3, 4;
+    CREATE INDEX keys_created ON keys(created_at, id);
+    CREATE INDEX keys_alias ON keys(alias);
+    """,
 ]
 
 
@@ -115,6 +137,10 @@ def sqlite_path(url: str) -> str:
             url = url[1:] if not url.startswith("//") else url[1:]
     return url or "cborg.db"
 
+
+_ADD_DAILY = ("INSERT INTO spend_daily VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (user_id, day, key_id, model) DO UPDATE "
+              "SET requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+              "completion_tokens = completion_tokens + excluded.completion_tokens, cost = cost + excluded.cost")
 
 # Rows go in as multi-row INSERTs of a few fixed sizes (64, then 32, 16, ... 1 for the rest):
 # - fixed sizes, so that sqlite3's statement cache parses each text once: a statement sized to
@@ -264,6 +290,63 @@ class SQLiteStore:
             "SELECT * FROM users WHERE updated_at >= ? AND updated_at > 0", (ts,)).fetchall())
         return [user_from_row(dict(r)) for r in rows]
 
+    # -- the Key Manager's lists and aggregates
+    async def search_keys(self, text: str | None, before: tuple[float, str] | None, limit: int) -> list[KeyRecord]:
+        where, args = [], []
+        if text:
+            lo, hi = prefix_range(text)
+            # Each term has its index (SQLite's OR optimization reads their union, then sorts it).
+            where.append("(id = ? OR key_hash = ? OR (user_id >= ? AND user_id < ?) OR (alias >= ? AND alias < ?))")
+            args += [text, text, lo, hi, lo, hi]
+        if before is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args += list(before)
+        sql = ("SELECT * FROM keys" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY created_at DESC, id DESC LIMIT ?")
+        rows = await self._run(lambda db: db.execute(sql, [*args, limit]).fetchall())
+        return [key_from_row(dict(r)) for r in rows]
+
+    async def count_keys(self) -> int:
+        return (await self._run(lambda db: db.execute("SELECT COUNT(*) FROM keys").fetchone()))[0]
+
+    async def list_users(self, prefix: str, after: str, limit: int) -> list[UserSummary]:
+        lo, hi = prefix_range(prefix)
+
+        def q(db: sqlite3.Connection) -> list[UserSummary]:
+            # Both lists walk their index in order and stop at `limit`.
+            ids = {r[0] for r in db.execute(
+                "SELECT DISTINCT user_id FROM keys WHERE user_id > ? AND user_id >= ? AND user_id < ? "
+                "ORDER BY user_id LIMIT ?", (after, lo, hi, limit))}
+            ids.update(r[0] for r in db.execute(
+                "SELECT user_id FROM users WHERE user_id > ? AND user_id >= ? AND user_id < ? "
+                "ORDER BY user_id LIMIT ?", (after, lo, hi, limit)))
+            page = sorted(ids)[:limit]
+            marks = ",".join("?" * len(page))
+            users = {r["user_id"]: user_from_row(dict(r))
+                     for r in db.execute(f"SELECT * FROM users WHERE user_id IN ({marks})", page)}
+            counts = {r[0]: (r[1], r[2]) for r in db.execute(
+                f"SELECT user_id, COUNT(*), SUM(revoked_at IS NULL) FROM keys WHERE user_id IN ({marks}) "
+                "GROUP BY user_id", page)}
+            return [UserSummary(u, users.get(u), *counts.get(u, (0, 0))) for u in page]
+        return await self._run(q)
+
+    async def daily_spend(self, user_id: str, since_day: int) -> list[DaySpend]:
+        rows = await self._run(lambda db: db.execute(
+            "SELECT day, key_id, model, requests, cost FROM spend_daily WHERE user_id = ? AND day >= ?",
+            (user_id, since_day)).fetchall())
+        return [DaySpend(*r) for r in rows]
+
+    async def users_spend_since(self, user_ids: list[str], since_day: int) -> dict[str, float]:
+        def q(db: sqlite3.Connection) -> dict[str, float]:
+            out: dict[str, float] = {}
+            for i in range(0, len(user_ids), 500):      # (SQLite's limit on bound parameters)
+                part = user_ids[i:i + 500]
+                out.update(db.execute(f"SELECT user_id, SUM(cost) FROM spend_daily WHERE user_id IN "
+                                      f"({','.join('?' * len(part))}) AND day >= ? GROUP BY user_id",
+                                      [*part, since_day]).fetchall())
+            return out
+        return await self._run(q)
+
     # -- ledger and spend
     async def spends(self, key_ids: list[str], user_ids: list[str]) -> dict[str, tuple[float, float | None]]:
         def q(db: sqlite3.Connection) -> dict[str, tuple[float, float | None]]:
@@ -282,6 +365,7 @@ class SQLiteStore:
             db.execute("BEGIN IMMEDIATE")
             try:
                 insert_rows(db, rows)
+                db.executemany(_ADD_DAILY, daily_totals(rows))
                 for key_id, d in keys.items():
                     r = db.execute("SELECT spend, budget_reset_at FROM keys WHERE id = ?", (key_id,)).fetchone()
                     if r is not None:

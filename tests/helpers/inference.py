@@ -152,20 +152,21 @@ class GatewayUnderTest:
 
 
 @contextlib.contextmanager
-def gateway_for(tmp: Path, config: Path, node_url: str, poll_s: float = 0.5, token: str = NODE_TOKEN):
+def gateway_for(tmp: Path, config: Path, node_url: str, poll_s: float = 0.5, token: str = NODE_TOKEN,
+                **settings_kw):
     from router.app import create_app
     from router.config import Settings
 
     settings = Settings(config_path=config, database_url=f"sqlite:///{tmp / 'gw.db'}", master_key=MASTER_KEY,
-                        env={}, profile="test", nodes=[{"name": "t", "url": node_url, "token": token}],
-                        node_poll_s=poll_s)
+                        **{"env": {}, **settings_kw}, profile="test",
+                        nodes=[{"name": "t", "url": node_url, "token": token}], node_poll_s=poll_s)
     with ASGIServer(create_app(settings)) as srv:
         yield GatewayUnderTest(srv)
 
 
 @contextlib.contextmanager
 def node_and_gateway(tmp: Path, deployments: list[dict], unserved: dict | None = None, node: dict | None = None,
-                     wait_ready: bool = True, edit=None):
+                     wait_ready: bool = True, edit=None, **settings_kw):
     port = free_port()
     cfg = write_config(tmp / "models.yaml", port, deployments, unserved, node, edit)
     n = NodeUnderTest(tmp, cfg, port)
@@ -174,7 +175,7 @@ def node_and_gateway(tmp: Path, deployments: list[dict], unserved: dict | None =
             for d in deployments:
                 if d.get("autoload", True):
                     n.wait(d["name"], "ready")
-        with gateway_for(tmp, cfg, n.url) as g:
+        with gateway_for(tmp, cfg, n.url, **settings_kw) as g:
             for d in deployments:
                 if wait_ready and d.get("autoload", True):
                     g.wait_model(d["model"])
