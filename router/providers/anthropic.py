@@ -28,8 +28,8 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools,
-                   json_format, json_tool_check, scrub, SSETranslator, ToolCallChunks, UpstreamRequest)
+from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, data_url, Endpoint, error_event, error_text, function_tools,
+                   json_format, json_tool_check, scrub, SSETranslator, ToolCallChunks, UpstreamRequest, file_data, image_url)
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -47,21 +47,12 @@ _IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
 # -- request --------------------------------------------------------------------------------
-def _data_url(url: str, param: str) -> tuple[str, str]:
-    """(media type, base64 data) of a data: URL."""
-    head, sep, data = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise bad_request(f"{param}: a data URL must be base64 (data:<type>;base64,...).", param)
-    return head[5:-7], data
-
-
 def _image_block(part: dict, param: str) -> dict:
-    iu = part.get("image_url")
-    url = iu.get("url") if type(iu) is dict else iu
+    url = image_url(part)
     if type(url) is not str or not url:
         raise bad_request(f"{param}.image_url.url is required.", param)
     if url.startswith("data:"):
-        media, data = _data_url(url, param)
+        media, data = data_url(url, param, "")
         if media not in _IMAGE_TYPES:
             raise bad_request(f"{param}: image type {media!r} is not supported; use one of {', '.join(_IMAGE_TYPES)}.",
                        param)
@@ -72,11 +63,7 @@ def _image_block(part: dict, param: str) -> dict:
 
 
 def _file_block(part: dict, param: str) -> dict:
-    f = part.get("file") if type(part.get("file")) is dict else {}
-    data = f.get("file_data")
-    if type(data) is not str or not data.startswith("data:"):
-        raise bad_request(f"{param}: file parts need file.file_data as a data: URL.", param)
-    media, b64 = _data_url(data, param)
+    media, b64 = file_data(part, param)
     return {"type": "document", "source": {"type": "base64", "media_type": media, "data": b64}}
 
 

@@ -78,6 +78,30 @@ def bad_request(msg: str, param: str | None = None) -> HTTPError:
     return HTTPError(400, msg, param=param, code="invalid_request_error")
 
 
+def data_url(value, param: str, need: str) -> tuple[str, str]:
+    """(media type, base64 data) of a base64 `data:` URL, or a 400 naming `param` that says `need`
+    (what the provider wants instead): providers that take media inline all read them this way."""
+    if type(value) is not str or not value.startswith("data:"):
+        raise bad_request(f"{param}: {need} (data:<type>;base64,...).", param)
+    head, sep, data = value.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise bad_request(f"{param}: a data URL must be base64 (data:<type>;base64,...).", param)
+    return head[5:-7], data
+
+
+def image_url(part: dict) -> object:
+    """The URL of an OpenAI image_url part (the object form or a bare string), unchecked."""
+    iu = part.get("image_url")
+    return iu.get("url") if type(iu) is dict else iu
+
+
+def file_data(part: dict, param: str) -> tuple[str, str]:
+    """(media type, base64 data) of an OpenAI file part, which these providers take inline only."""
+    f = part.get("file")
+    return data_url(f.get("file_data") if type(f) is dict else None, param,
+                    "file parts need file.file_data as a data: URL")
+
+
 JSON_TOOL = "json_tool_call"   # the forced tool that carries response_format where a provider has no JSON mode
 
 

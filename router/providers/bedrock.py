@@ -37,8 +37,8 @@ from botocore.eventstream import EventStreamBuffer, ParserError
 from common.asgi import NO_RETRY, HTTPError
 
 from ..catalog import Route
-from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, Endpoint, error_event, error_text, function_tools,
-                   json_format, json_tool_check, scrub, ToolCallChunks, UpstreamRequest)
+from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, data_url, Endpoint, error_event, error_text, function_tools,
+                   json_format, json_tool_check, scrub, ToolCallChunks, UpstreamRequest, image_url)
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -133,14 +133,10 @@ def _text_block(text: str) -> dict:
 
 
 def _image_block(part: dict, param: str) -> dict:
-    iu = part.get("image_url")
-    url = iu.get("url") if type(iu) is dict else iu
-    if type(url) is not str or not url.startswith("data:"):
-        raise bad_request(f"{param}: Bedrock models take images inline: send image_url.url as a data: URL "
-                   "(data:image/png;base64,...).", param)
-    head, sep, data = url.partition(",")
-    fmt = _IMAGE_FORMATS.get(head[5:].split(";")[0])
-    if not sep or not head.endswith(";base64") or fmt is None:
+    media, data = data_url(image_url(part), param,
+                           "Bedrock models take images inline: send image_url.url as a data: URL")
+    fmt = _IMAGE_FORMATS.get(media)
+    if fmt is None:
         raise bad_request(f"{param}: images must be base64 data URLs of type png, jpeg, gif or webp.", param)
     return {"image": {"format": fmt, "source": {"bytes": data}}}
 

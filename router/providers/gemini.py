@@ -26,8 +26,8 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import (EMPTY_TEXT, bad_request, Endpoint, error_event, error_text, function_tools, scrub, SSETranslator,
-                   UpstreamRequest)
+from .base import (EMPTY_TEXT, bad_request, data_url, Endpoint, error_event, error_text, function_tools, scrub, SSETranslator,
+                   UpstreamRequest, file_data, image_url)
 
 API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
@@ -43,15 +43,9 @@ def _call_id() -> str:
 
 # -- request --------------------------------------------------------------------------------
 def _image_part(part: dict, param: str) -> dict:
-    iu = part.get("image_url")
-    url = iu.get("url") if type(iu) is dict else iu
-    if type(url) is not str or not url.startswith("data:"):
-        raise bad_request(f"{param}: Gemini models take images inline: send image_url.url as a data: URL "
-                   "(data:image/png;base64,...).", param)
-    head, sep, data = url.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise bad_request(f"{param}: a data URL must be base64.", param)
-    return {"inlineData": {"mimeType": head[5:-7], "data": data}}
+    media, data = data_url(image_url(part), param,
+                           "Gemini models take images inline: send image_url.url as a data: URL")
+    return {"inlineData": {"mimeType": media, "data": data}}
 
 
 def _parts(content, param: str) -> list[dict]:
@@ -71,12 +65,8 @@ def _parts(content, param: str) -> list[dict]:
         elif t == "image_url":
             out.append(_image_part(part, p))
         elif t == "file":
-            f = part.get("file") or {}
-            data = f.get("file_data") or ""
-            head, sep, b64 = data.partition(",")
-            if not data.startswith("data:") or not sep:
-                raise bad_request(f"{p}: file parts need file.file_data as a data: URL.", p)
-            out.append({"inlineData": {"mimeType": head[5:].split(";")[0], "data": b64}})
+            media, b64 = file_data(part, p)
+            out.append({"inlineData": {"mimeType": media, "data": b64}})
         else:
             raise bad_request(f"{p}: content part type {t!r} is not supported here.", p)
     return out

@@ -283,6 +283,26 @@ def test_blank_text_parts_are_left_out():
         [{"text": "Look"}]
 
 
+_BODIES = {"anthropic/claude-sonnet": lambda r, b: anthropic.to_messages_body(r, b, False),
+           "google/gemini-flash": gemini.to_gemini_body, "aws/llama-3.1-70b": bedrock.to_converse_body}
+
+
+@pytest.mark.parametrize("name", list(_BODIES))
+@pytest.mark.parametrize("part", [
+    {"type": "file", "file": "x"}, {"type": "file", "file": {"file_data": 5}}, {"type": "file", "file": None},
+    {"type": "file", "file": {"file_data": "data:application/pdf,plain"}}, {"type": "file"},
+    {"type": "image_url", "image_url": {"url": "data:image/png,AAAA"}}, {"type": "image_url", "image_url": 7},
+    {"type": "image_url", "image_url": {"url": ["data:"]}}, {"type": "image_url", "image_url": {"url": "ftp://x"}},
+])
+def test_malformed_media_parts_are_a_400_naming_the_part(name, part):
+    """Files and images that are not base64 data URLs (or are not even strings) are the caller's
+    mistake on every adapter: a 400 naming the content part, never an AttributeError (a 500)."""
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "see"}, part]}]
+    with pytest.raises(HTTPError) as e:
+        _BODIES[name](route(name), {"messages": msgs})
+    assert e.value.status == 400 and "messages[0].content[1]" in e.value.message
+
+
 # -- Gemini --------------------------------------------------------------------------------
 def test_gemini_request_shape():
     body = {"messages": [
