@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import os
 from importlib import import_module
-from types import ModuleType
 
 from ..catalog import ModelConf, ProviderConf
 from ..upstream import Target
-from .base import Endpoint
+from .base import Adapter, Endpoint
 
 _MODULES = {"openai": "openai_compat", "anthropic": "anthropic", "gemini": "gemini", "bedrock": "bedrock"}
-_loaded: dict[str, ModuleType] = {}
+_loaded: dict[str, Adapter] = {}
 
 
-def adapter(protocol: str) -> ModuleType:
+def adapter(protocol: str) -> Adapter:
+    """The module that translates for `protocol` (each implements base.Adapter; tests check it)."""
     mod = _loaded.get(protocol)
     if mod is None:
         mod = _loaded[protocol] = import_module(f"{__name__}.{_MODULES[protocol]}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -38,6 +38,7 @@ class UpstreamRequest:
     body: bytes
 
 
+@runtime_checkable
 class StreamTranslator(Protocol):
     """Turns upstream stream bytes into OpenAI SSE events (bytes, framed)."""
 
@@ -48,6 +49,7 @@ class StreamTranslator(Protocol):
     def close(self) -> list[bytes]: ...
 
 
+@runtime_checkable
 class Adapter(Protocol):
     """A provider module. It may also define `async def prepare(ep)`, which the pipeline awaits before
     `build` (Bedrock resolves and refreshes AWS credentials there, off the event loop)."""

@@ -10,7 +10,8 @@ import pytest
 from common.asgi import HTTPError
 from router.catalog import load_catalog
 from router.providers import anthropic, bedrock, gemini, openai_compat
-from router.providers.base import normalize_usage
+from router.providers import adapter
+from router.providers.base import Adapter, StreamTranslator, normalize_usage
 from router.accounting.cost import cost_of
 from tests.helpers.servers import ROOT
 from tests.mocks import eventstream
@@ -35,6 +36,17 @@ def feed_in_pieces(tr, data: bytes) -> list[bytes]:
         out += tr.feed(data[i:i + n])
         i += n
     return out + tr.close()
+
+
+@pytest.mark.parametrize("protocol,model", [("openai", "openai/gpt-4o"), ("anthropic", "anthropic/claude-sonnet"),
+                                            ("gemini", "google/gemini-flash"), ("bedrock", "aws/llama-3.1-70b")])
+def test_every_adapter_implements_the_protocol(protocol, model):
+    """The pipeline calls adapters only through base.Adapter; a provider module missing a piece fails
+    here, not on the first request of that kind."""
+    mod = adapter(protocol)
+    assert isinstance(mod, Adapter)
+    tr = mod.stream(route(model), "chat")
+    assert isinstance(tr, StreamTranslator) and hasattr(tr, "usage") and hasattr(tr, "template")
 
 
 # -- OpenAI --------------------------------------------------------------------------------
