@@ -29,7 +29,7 @@ import orjson
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
 from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, data_url, Endpoint, error_event, error_text, function_tools,
-                   json_format, json_tool_check, scrub, SSETranslator, ToolCallChunks, UpstreamRequest, file_data, image_url)
+                   json_format, json_tool_check, scrub, SSETranslator, ToolCallChunks, UpstreamRequest, file_data, image_url, tool_call)
 
 PATH = "/v1/messages"
 DEFAULT_VERSION = "2023-06-01"
@@ -109,17 +109,8 @@ def _mark(blocks: list[dict], m: dict) -> None:
 
 
 def _tool_use(call: dict, param: str) -> dict:
-    fn = call.get("function") if type(call) is dict else None
-    if type(fn) is not dict or not fn.get("name"):
-        raise bad_request(f"{param}.function.name is required.", param)
-    args = fn.get("arguments") or "{}"
-    try:
-        inp = orjson.loads(args) if type(args) is str else args
-    except orjson.JSONDecodeError:
-        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
-    if type(inp) is not dict:
-        raise bad_request(f"{param}.function.arguments must be a JSON object.", param)
-    return {"type": "tool_use", "id": call.get("id") or "toolu_missing", "name": fn["name"], "input": inp}
+    name, inp = tool_call(call, param)
+    return {"type": "tool_use", "id": call.get("id") or "toolu_missing", "name": name, "input": inp}
 
 
 def _tool_result(m: dict, param: str) -> dict:

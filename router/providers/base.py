@@ -104,6 +104,23 @@ def file_data(part: dict, param: str) -> tuple[str, str]:
                     "file parts need file.file_data as a data: URL")
 
 
+def tool_call(call, param: str) -> tuple[str, dict]:
+    """(name, arguments) of an assistant message's OpenAI tool call, for providers that want the
+    arguments as an object: a 400 naming `param` when the name is missing or they are not a JSON object."""
+    fn = call.get("function") if type(call) is dict else None
+    name = fn.get("name") if type(fn) is dict else None
+    if type(name) is not str or not name:
+        raise bad_request(f"{param}.function.name is required.", param)
+    raw = fn.get("arguments") or "{}"
+    try:
+        args = orjson.loads(raw) if type(raw) is str else raw
+    except orjson.JSONDecodeError:
+        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
+    if type(args) is not dict:
+        raise bad_request(f"{param}.function.arguments must be a JSON object.", param)
+    return name, args
+
+
 JSON_TOOL = "json_tool_call"   # the forced tool that carries response_format where a provider has no JSON mode
 
 

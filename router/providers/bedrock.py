@@ -38,7 +38,7 @@ from common.asgi import NO_RETRY, HTTPError
 
 from ..catalog import Route
 from .base import (EMPTY_TEXT, JSON_TOOL, bad_request, cached_usage, data_url, Endpoint, error_event, error_text, function_tools,
-                   json_format, json_tool_check, scrub, ToolCallChunks, UpstreamRequest, image_url)
+                   json_format, json_tool_check, scrub, ToolCallChunks, UpstreamRequest, image_url, tool_call)
 
 SERVICE = "bedrock"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "tool_use": "tool_calls", "max_tokens": "length",
@@ -167,15 +167,8 @@ def _blocks(content, param: str, cache: bool, media: bool = True) -> list[dict]:
 
 
 def _tool_use(call: dict, param: str) -> dict:
-    fn = call.get("function") if type(call) is dict else None
-    if type(fn) is not dict or not fn.get("name"):
-        raise bad_request(f"{param}.function.name is required.", param)
-    raw = fn.get("arguments") or "{}"
-    try:
-        inp = orjson.loads(raw) if type(raw) is str else raw
-    except orjson.JSONDecodeError:
-        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
-    return {"toolUse": {"toolUseId": call.get("id") or "tooluse_missing", "name": fn["name"], "input": inp}}
+    name, inp = tool_call(call, param)
+    return {"toolUse": {"toolUseId": call.get("id") or "tooluse_missing", "name": name, "input": inp}}
 
 
 def _tool_result(m: dict, param: str) -> dict:

@@ -27,7 +27,7 @@ import orjson
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
 from .base import (EMPTY_TEXT, bad_request, data_url, Endpoint, error_event, error_text, function_tools, scrub, SSETranslator,
-                   UpstreamRequest, file_data, image_url)
+                   UpstreamRequest, file_data, image_url, tool_call)
 
 API = "/v1beta"      # the default; a provider's `api_version` in models.yaml (e.g. v1) overrides it
 
@@ -72,20 +72,6 @@ def _parts(content, param: str) -> list[dict]:
     return out
 
 
-def _args(call: dict, param: str) -> tuple[str, dict]:
-    fn = call.get("function") if type(call) is dict else None
-    if type(fn) is not dict or not fn.get("name"):
-        raise bad_request(f"{param}.function.name is required.", param)
-    raw = fn.get("arguments") or "{}"
-    try:
-        args = orjson.loads(raw) if type(raw) is str else raw
-    except orjson.JSONDecodeError:
-        raise bad_request(f"{param}.function.arguments is not valid JSON.", param) from None
-    if type(args) is not dict:
-        raise bad_request(f"{param}.function.arguments must be a JSON object.", param)
-    return fn["name"], args
-
-
 def _contents(msgs: list, out: dict) -> None:
     system: list[dict] = []
     contents: list[dict] = []
@@ -99,7 +85,7 @@ def _contents(msgs: list, out: dict) -> None:
             role = "model"
             parts = _parts(m.get("content"), p)
             for k, c in enumerate(m.get("tool_calls") or ()):
-                name, args = _args(c, f"{p}.tool_calls[{k}]")
+                name, args = tool_call(c, f"{p}.tool_calls[{k}]")
                 if c.get("id"):
                     names[c["id"]] = name
                 parts.append({"functionCall": {"name": name, "args": args}})

@@ -315,6 +315,23 @@ def test_malformed_media_parts_are_a_400_naming_the_part(name, part):
     assert e.value.status == 400 and "messages[0].content[1]" in e.value.message
 
 
+@pytest.mark.parametrize("name", list(_BODIES))
+@pytest.mark.parametrize("call", [
+    {"id": "c1", "type": "function", "function": {"name": 5, "arguments": "{}"}},
+    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1]"}},
+    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}},
+    {"id": "c1", "type": "function", "function": "f"}, "c1",
+])
+def test_malformed_tool_calls_in_history_are_a_400(name, call):
+    """An assistant turn's tool call whose name is not a string or whose arguments are not a JSON
+    object cannot be expressed to these providers: a 400 naming the call on each of them."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    with pytest.raises(HTTPError) as e:
+        _BODIES[name](route(name), {"messages": msgs})
+    assert e.value.status == 400 and "messages[1].tool_calls[0]" in e.value.message
+
+
 # -- Gemini --------------------------------------------------------------------------------
 def test_gemini_request_shape():
     body = {"messages": [
