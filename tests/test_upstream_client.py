@@ -6,7 +6,8 @@ import asyncio
 import pytest
 
 from router.sse import SSESplitter, parse_event
-from router.upstream import Target, Timeouts, UpstreamError, UpstreamPool
+from router.targets import Target
+from router.upstream import ConnectError, Timeouts, UpstreamError, UpstreamPool, UpstreamTimeout
 
 
 def test_sse_framing_any_line_ending_and_split_points():
@@ -110,11 +111,11 @@ async def test_timeouts_and_connect_errors():
     t = Target.parse(f"http://127.0.0.1:{port}")
     with pytest.raises(UpstreamError) as e:
         await pool.request(t, b"POST", "/", [], b"", Timeouts(first_byte=0.2))
-    assert e.value.kind == "timeout" and "first byte" in str(e.value)
+    assert isinstance(e.value, UpstreamTimeout) and "first byte" in str(e.value)
     srv.close()
     with pytest.raises(UpstreamError) as e:
         await pool.request(Target.parse("http://127.0.0.1:1"), b"POST", "/", [], b"")
-    assert e.value.kind == "connect"
+    assert isinstance(e.value, ConnectError)
     await pool.close()
 
 
@@ -132,7 +133,7 @@ async def test_body_read_timeout_between_chunks():
     assert await it.__anext__() == b"abc"
     with pytest.raises(UpstreamError) as e:
         await it.__anext__()
-    assert e.value.kind == "timeout"
+    assert isinstance(e.value, UpstreamTimeout)
     await pool.close()
     srv.close()
 
