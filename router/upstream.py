@@ -205,7 +205,7 @@ class UpstreamPool:
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple, URL] = {}
         self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
-        self._proxies: dict[Proxy, tuple[URL, aiohttp.BasicAuth | None]] = {}
+        self._proxies: dict[tuple[Proxy, str], tuple[URL, dict | None, tuple | None]] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         connector = _Connector(limit=0, limit_per_host=self._conns_per_host, keepalive_timeout=self._keepalive_s,
@@ -233,11 +233,17 @@ class UpstreamPool:
                                                            sock_read=t.first_byte)
         return ct
 
-    def _proxy(self, p: Proxy) -> tuple[URL, aiohttp.BasicAuth | None]:
-        got = self._proxies.get(p)
+    def _proxy(self, p: Proxy, scheme: str) -> tuple[URL, dict | None, tuple | None]:
+        """The proxy's URL, its headers for a CONNECT (https upstreams), and the Proxy-Authorization
+        header to add to a plain-http request (which goes to the proxy in absolute form)."""
+        got = self._proxies.get((p, scheme))
         if got is None:
-            auth = aiohttp.BasicAuth(p.user, p.password or "") if p.user else None
-            got = self._proxies[p] = (URL(p.url), auth)
+            auth = aiohttp.encode_basic_auth(p.user, p.password or "") if p.user else None
+            if scheme == "https":
+                got = (URL(p.url), {"Proxy-Authorization": auth} if auth else None, None)
+            else:
+                got = (URL(p.url), None, ("Proxy-Authorization", auth) if auth else None)
+            self._proxies[(p, scheme)] = got
         return got
 
     async def request(self, target: Target, method: bytes, path: str, headers: list[tuple[bytes, bytes]],
@@ -255,19 +261,27 @@ class UpstreamPool:
         session = self._session or self._open()
         url = self._url(target, path)
         ct = self._timeout(timeouts)
-        proxy, proxy_auth = self._proxy(target.proxy) if target.proxy is not None else (None, None)
+        proxy = proxy_headers = None
+        if target.proxy is not None:
+            proxy, proxy_headers, auth_header = self._proxy(target.proxy, target.scheme)
+            if auth_header is not None:
+                hdrs.append(auth_header)
         m = method.decode()
         for attempt in (0, 1):
             _REUSED.set(False)
             try:
                 r = await session.request(m, url, headers=hdrs, data=body, timeout=ct, allow_redirects=False,
-                                          proxy=proxy, proxy_auth=proxy_auth)
+                                          proxy=proxy, proxy_headers=proxy_headers)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
                 if attempt == 0 and _REUSED.get() and not isinstance(e, aiohttp.ClientConnectorError):
                     continue
                 raise _convert(e, target, timeouts, "head") from None
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                 raise _convert(e, target, timeouts, "head") from None
+            if r.status == 407 and target.proxy is not None:     # a plain-http request the proxy refused
+                r.release()
+                raise ConnectError(f"the proxy {target.proxy.label} refused the request to {target.host}:"
+                                   f"{target.port} (HTTP 407: its credentials are missing or wrong)")
             if timeouts.read != timeouts.first_byte and not r.content.is_eof():
                 conn = r.connection
                 if conn is not None and conn.protocol is not None:
