@@ -271,3 +271,43 @@ async def test_refused_and_unknown_hosts_are_connect_errors():
             await pool.request(Target.parse(url), b"POST", "/", [], b"")
         assert "cannot connect to upstream" in str(e.value)
     await pool.close()
+
+
+async def test_reused_connection_closed_before_answering_is_retried_once_on_a_new_one():
+    """The race a keep-alive timeout makes: the pooled connection looks alive, the request goes out, the
+    server closes it without a byte. Retried on a fresh connection; a fresh connection that does the
+    same is not retried (the server may have acted on the request)."""
+    conns = 0
+
+    async def answer_once(reader, writer):
+        nonlocal conns
+        conns += 1
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        try:
+            await _read_request(reader)          # the next request on this connection: dropped unanswered
+        except asyncio.IncompleteReadError:
+            pass
+        writer.close()
+
+    srv, port = await _server(answer_once)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    for _ in range(3):
+        r = await pool.request(t, b"POST", "/", [], b"{}")
+        assert await r.read() == b"ok"
+    assert conns == 3
+    await pool.close()
+    srv.close()
+
+    async def never(reader, writer):
+        await _read_request(reader)
+        writer.close()
+    srv, port = await _server(never)
+    pool = UpstreamPool()
+    from router.upstream import ClosedError
+    with pytest.raises(ClosedError):
+        await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"{}")
+    await pool.close()
+    srv.close()
