@@ -53,7 +53,8 @@ class Gateway:
         self.started_at = int(time.time())
         self.store = open_store(settings.database_url)
         self.keys = KeyCache(self.store, settings.key_refresh_s)
-        self.pool = UpstreamPool()
+        self.pool = UpstreamPool(max_body=settings.upstream_max_body_bytes,
+                                 conns_per_host=settings.upstream_max_connections)
         self.metrics = Metrics()
         self.policy = Policy(self.catalog.conf.limits, self.keys.users)
         if not settings.accounting:

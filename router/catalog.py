@@ -55,6 +55,17 @@ class ProviderConf(_Strict):
     headers: dict[str, str] = {}
     timeouts: TimeoutsConf = TimeoutsConf()
     retry: RetryConf = RetryConf()
+    # The egress proxy to this provider: an http(s):// URL, or `direct` for none. Unset: HTTPS_PROXY /
+    # HTTP_PROXY / ALL_PROXY / NO_PROXY as curl reads them, except local providers, which go direct.
+    proxy: str | None = None
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v is not None and v != "direct":
+            from .targets import Proxy
+            Proxy.parse(v)          # raises ValueError without the credentials
+        return v
 
 
 class Price(_Strict):

@@ -22,6 +22,8 @@ class Settings:
     redis_url: str | None = None
     master_key: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
+    upstream_max_body_bytes: int = 64 * 1024 * 1024   # a non-streamed upstream answer past this is a 502
+    upstream_max_connections: int = 1024              # open connections per upstream (and proxy)
     key_refresh_s: float = 2.0
     env: dict[str, str] | None = None   # where provider credentials and base URLs are read; None: os.environ
     accounting: bool = True             # limits, budgets and the ledger; off only to benchmark without them
@@ -50,6 +52,8 @@ class Settings:
             redis_url=env.get("CBORG_REDIS_URL") or None,
             master_key=env.get("CBORG_MASTER_KEY") or None,
             max_body_bytes=int(env.get("CBORG_MAX_BODY_BYTES") or 32 * 1024 * 1024),
+            upstream_max_body_bytes=int(env.get("CBORG_UPSTREAM_MAX_BODY_BYTES") or 64 * 1024 * 1024),
+            upstream_max_connections=int(env.get("CBORG_UPSTREAM_MAX_CONNECTIONS") or 1024),
             key_refresh_s=float(env.get("CBORG_KEY_REFRESH_S") or 2.0),
             env=None if env is os.environ else dict(env),
             accounting=(env.get("CBORG_ACCOUNTING") or "on").lower() not in ("off", "0", "false", "no"),

@@ -27,7 +27,8 @@ from common.validation import ConfigError, format_validation
 
 from .catalog import Catalog, Route
 from .providers.base import Endpoint
-from .upstream import Target, Timeouts, UpstreamError, UpstreamPool
+from .targets import Target
+from .upstream import ProtocolError, Timeouts, UpstreamError, UpstreamPool
 
 log = logging.getLogger("cborg.nodes")
 
@@ -198,7 +199,7 @@ class NodeRegistry:
         try:
             status, data = await self.request(n, b"GET", "/status")
             if status != 200:
-                raise UpstreamError("protocol", f"HTTP {status}: {error_message(data)}")
+                raise ProtocolError(f"HTTP {status}: {error_message(data)}")
             self._accept(n, orjson.loads(data))
         except (UpstreamError, orjson.JSONDecodeError, ValueError) as e:
             n.failures += 1

@@ -24,7 +24,7 @@ from .providers import adapter
 from .providers.base import Endpoint, StreamError, normalize_usage, scrub
 from .sse import DONE, data_event
 from . import upstream_errors
-from .upstream import Timeouts, UpstreamError, UpstreamResponse
+from .upstream import ClosedError, ConnectError, ConnectTimeout, Timeouts, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
     from .agents import Inbound
@@ -340,10 +340,9 @@ class Pipeline:
             try:
                 resp = await self.gw.pool.request(ep.target, b"POST", ureq.path, ureq.headers, ureq.body, timeouts)
             except UpstreamError as e:
-                if conf.local and e.kind == "connect" and "served_model" in ep.extra:
+                if conf.local and isinstance(e, ConnectError) and "served_model" in ep.extra:
                     raise _EngineGone() from None   # a node's engine that stopped: pick another, don't wait
-                retryable = e.kind in ("connect", "closed") or (e.kind == "timeout" and "connect" in str(e))
-                if not retryable or attempt + 1 >= attempts:
+                if not isinstance(e, (ConnectError, ConnectTimeout, ClosedError)) or attempt + 1 >= attempts:
                     raise upstream_errors.from_transport(e, route, ep) from None
             else:
                 if resp.status < 400:

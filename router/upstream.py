@@ -1,34 +1,63 @@
-"""Pooled keep-alive HTTP/1.1 client for upstream calls.
+"""The HTTP client to providers and engines: aiohttp behind the small interface the pipeline uses.
 
-Built on httptools (llhttp, the parser uvicorn uses) and asyncio transports. Why not aiohttp or
-httpx: with the same gateway code, an aiohttp client gave about 3,800 requests/s and 350 us
-added at concurrency 1 on one core; this client gives about 6,500 requests/s and 215 us
-(docs/benchmarks.md). The parser, TLS (asyncio's ssl) and chunked decoding are libraries'; only
-pooling, framing and timeouts are ours. Not supported: HTTP proxies, HTTP/2, compressed bodies
-(we never send Accept-Encoding, so servers do not compress).
+`UpstreamPool.request(target, method, path, headers, body, timeouts)` returns once the response
+headers are in; the body is read with `read()` (capped, default 64 MiB) or `chunks()` (as it
+arrives, with back-pressure), and `release()` gives the connection back. aiohttp does the protocol:
+llhttp's C parser, every legal framing (Content-Length, chunked, close-delimited), gzip/deflate,
+forward proxies (CONNECT for https), TLS, DNS caching, pooled keep-alive with expiry and a cap
+per upstream. What stays ours: the four timeouts (connect, first byte, read gap, total), one retry
+of a stale pooled connection, refusing header values with line breaks, typed errors whose messages
+name the upstream or proxy but never credentials. Proxies are chosen per target (router/proxies.py).
+
+Why aiohttp and how it is tuned for the hot path (docs/benchmarks.md has the figures): one
+ClientSession per gateway with a DummyCookieJar and no auto headers; a yarl URL and a ClientTimeout
+built once per (target, path) and per Timeouts, not per request; the body's fast path is one
+`read()` when Content-Length says it fits.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
-import ssl
+import contextvars
 from dataclasses import dataclass
 from typing import AsyncIterator
-from urllib.parse import urlsplit
 
-import httptools
+import aiohttp
+from yarl import URL
 
-from common import timers
+from .targets import Proxy, Target
 
-_HIGH_WATER = 1 << 20  # pause reading a streamed body past 1 MiB not yet consumed
+DEFAULT_MAX_BODY = 64 << 20          # non-streamed bodies past this are refused (a 502)
+DEFAULT_CONNS_PER_HOST = 1024        # open connections per upstream (and proxy); more requests wait
+KEEPALIVE_S = 30.0                   # an idle pooled connection older than this is closed, not reused
+_READ_BUFSIZE = 1 << 19              # a streamed body pauses the socket past 2x this unread
 
 
 class UpstreamError(Exception):
-    """A failure talking to an upstream. kind: connect | timeout | closed | protocol."""
+    """A failure talking to an upstream; the subclasses say what kind."""
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+
+class ConnectError(UpstreamError):
+    """No connection: refused, unknown host, TLS failure, or a proxy that refused."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """A timeout: first byte, read gap or total (ConnectTimeout for connecting)."""
+
+
+class ConnectTimeout(UpstreamTimeout):
+    """Connecting took too long; nothing was sent."""
+
+
+class ClosedError(UpstreamError):
+    """The upstream closed the connection before the response ended."""
+
+
+class ProtocolError(UpstreamError):
+    """The response could not be read: malformed, or over the body cap."""
+
+
+class BodyTooLarge(ProtocolError):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,251 +68,183 @@ class Timeouts:
     total: float = 1800.0       # whole exchange
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A parsed base URL; `path` is prefixed to each request path."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-    host_header: bytes
-
-    @classmethod
-    def parse(cls, url: str) -> "Target":
-        u = urlsplit(url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        port = u.port or (443 if u.scheme == "https" else 80)
-        default = (u.scheme == "https" and port == 443) or (u.scheme == "http" and port == 80)
-        hh = u.hostname if default else f"{u.hostname}:{port}"
-        if ":" in u.hostname:  # IPv6 literal
-            hh = f"[{u.hostname}]" if default else f"[{u.hostname}]:{port}"
-        return cls(u.scheme, u.hostname, port, u.path.rstrip("/"), hh.encode())
-
-    @property
-    def key(self) -> tuple:
-        return (self.scheme, self.host, self.port)
-
-    def url(self, path: str = "") -> str:
-        return f"{self.scheme}://{self.host_header.decode()}{self.path}{path}"
+_REUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("cborg_upstream_reused", default=False)
 
 
-_ssl_ctx: ssl.SSLContext | None = None
+class _Connector(aiohttp.TCPConnector):
+    """Notes whether the connection a request got had served one before (for the stale retry)."""
+
+    async def connect(self, req, traces, timeout):  # type: ignore[override]
+        conn = await super().connect(req, traces, timeout)
+        proto = conn.protocol
+        reused = getattr(proto, "_cborg_used", False)
+        if not reused:
+            proto._cborg_used = True  # type: ignore[union-attr]
+        _REUSED.set(reused)
+        return conn
 
 
-def _ssl_context() -> ssl.SSLContext:
-    global _ssl_ctx
-    if _ssl_ctx is None:
-        _ssl_ctx = ssl.create_default_context()  # honours SSL_CERT_FILE / SSL_CERT_DIR
-    return _ssl_ctx
+def _where(target: Target) -> str:
+    return f"{target.host}:{target.port}" + (f" through the proxy {target.proxy.label}" if target.proxy else "")
 
 
-class _Conn(asyncio.Protocol):
-    """One upstream connection; carries one request/response at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.loop = asyncio.get_running_loop()
-        self._begin()
-
-    def _begin(self) -> None:
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future = self.loop.create_future()
-        self.chunks: collections.deque[bytes] = collections.deque()
-        self.buffered = 0
-        self.complete = False
-        self.keep_alive = False
-        self.got_bytes = False
-        self.error: UpstreamError | None = None
-        self.waiter: asyncio.Future | None = None
-        self.paused = False
-
-    # -- asyncio.Protocol
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.got_bytes = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._fail(UpstreamError("protocol", "upstream tried to upgrade the connection"))
-        except httptools.HttpParserError as e:
-            self._fail(UpstreamError("protocol", f"malformed response from upstream: {e}"))
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        if not self.complete:
-            self._fail(UpstreamError("closed", "upstream closed the connection before the response ended"))
-
-    # -- httptools callbacks
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if not self.head.done():
-            self.head.set_result(None)
-
-    def on_body(self, body: bytes) -> None:
-        self.chunks.append(body)
-        self.buffered += len(body)
-        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-            self.paused = True
-        self._wake()
-
-    def on_message_complete(self) -> None:
-        self.complete = True
-        self.keep_alive = self.parser.should_keep_alive()
-        self._wake()
-
-    # -- helpers
-    def _wake(self) -> None:
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _fail(self, err: UpstreamError) -> None:
-        if self.error is None:
-            self.error = err
-        if not self.head.done():
-            self.head.set_exception(err)
-            self.head.exception()  # mark retrieved: a failed idle connection has no reader
-        self._wake()
-        if self.transport is not None:
-            self.transport.close()
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def take(self) -> bytes:
-        data = b"".join(self.chunks) if len(self.chunks) != 1 else self.chunks[0]
-        self.chunks.clear()
-        self.buffered = 0
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        return data
+def _convert(e: BaseException, target: Target, t: Timeouts, phase: str) -> UpstreamError:
+    """An aiohttp (or OS) exception as one of ours. phase: 'head' before the headers, 'body' after."""
+    if isinstance(e, aiohttp.ConnectionTimeoutError):
+        return ConnectTimeout(f"upstream timed out (connect after {t.connect:g} s) connecting to {_where(target)}")
+    if isinstance(e, aiohttp.SocketTimeoutError):
+        if phase == "head":
+            return UpstreamTimeout(f"upstream timed out (waiting for the first byte after {t.first_byte:g} s)")
+        return UpstreamTimeout(f"upstream timed out (reading the body after {t.read:g} s of silence)")
+    if isinstance(e, asyncio.TimeoutError):
+        return UpstreamTimeout(f"upstream timed out (total after {t.total:g} s)")
+    if isinstance(e, aiohttp.ClientProxyConnectionError):
+        return ConnectError(f"cannot connect to the proxy {target.proxy.label if target.proxy else '?'} "
+                            f"for {target.host}:{target.port}: {_os_reason(e)}")
+    if isinstance(e, aiohttp.ClientHttpProxyError):
+        return ConnectError(f"the proxy {target.proxy.label if target.proxy else '?'} refused the connection to "
+                            f"{target.host}:{target.port} (HTTP {e.status} {e.message})")
+    if isinstance(e, aiohttp.ClientConnectorError):
+        return ConnectError(f"cannot connect to upstream {_where(target)}: {_os_reason(e)}")
+    if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
+                      ConnectionError)):
+        return ClosedError("upstream closed the connection before the response ended")
+    if isinstance(e, aiohttp.ClientResponseError):
+        return ProtocolError(f"malformed response from upstream: {e.message}")
+    return ProtocolError(f"upstream request failed: {type(e).__name__}: {e}")
 
 
-def _fire(fut: asyncio.Future, seconds: float, what: str) -> None:
-    if not fut.done():
-        fut.set_exception(UpstreamError("timeout", f"upstream timed out ({what} after {seconds:g} s)"))
-
-
-def _timeout(fut: asyncio.Future, seconds: float, what: str) -> timers.Timeout:
-    return timers.call_later(seconds, _fire, fut, seconds, what)
+def _os_reason(e: aiohttp.ClientConnectorError) -> str:
+    err = e.os_error
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
 
 
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read with read() or chunks()."""
 
-    __slots__ = ("status", "raw_headers", "_conn", "_pool", "_key", "_timeouts", "_deadline", "_done")
+    __slots__ = ("status", "_r", "_pool", "_target", "_timeouts", "_done")
 
-    def __init__(self, conn: _Conn, pool: "UpstreamPool", key: tuple, timeouts: Timeouts, deadline: float):
-        self.status = conn.status
-        self.raw_headers = conn.headers
-        self._conn = conn
+    def __init__(self, r: aiohttp.ClientResponse, pool: "UpstreamPool", target: Target, timeouts: Timeouts):
+        self.status = r.status
+        self._r = r
         self._pool = pool
-        self._key = key
+        self._target = target
         self._timeouts = timeouts
-        self._deadline = deadline
         self._done = False
 
     def header(self, name: str) -> str | None:
-        n = name.lower().encode()
-        for k, v in self.raw_headers:
-            if k == n:
-                return v.decode("latin-1")
-        return None
+        return self._r.headers.get(name)
 
-    async def _wait_data(self) -> None:
-        conn = self._conn
-        loop = conn.loop
-        conn.waiter = w = loop.create_future()
-        left = self._deadline - loop.time()
-        t = min(self._timeouts.read, left)
-        h = _timeout(w, max(t, 0.001), "reading the body" if t < left else "total")
-        try:
-            await w
-        finally:
-            h.cancel()
-            conn.waiter = None
+    @property
+    def headers(self):
+        """The response headers (a case-insensitive multidict)."""
+        return self._r.headers
 
     async def read(self) -> bytes:
-        conn = self._conn
+        """The whole body, up to the pool's cap (BodyTooLarge past it)."""
+        r = self._r
+        cap = self._pool.max_body
         try:
-            while not conn.complete:
-                if conn.error is not None:
-                    raise conn.error
-                await self._wait_data()
-            return conn.take()
+            n = r.content_length
+            if n is not None and n <= cap and "Content-Encoding" not in r.headers:
+                return await r.read()
+            if n is not None and n > cap and "Content-Encoding" not in r.headers:
+                raise BodyTooLarge(self._too_large(n))
+            parts, size = [], 0
+            content = r.content
+            while True:
+                data = await content.readany()
+                if not data:
+                    return b"".join(parts)
+                size += len(data)
+                if size > cap:
+                    raise BodyTooLarge(self._too_large(None))
+                parts.append(data)
+        except UpstreamError:
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+            raise _convert(e, self._target, self._timeouts, "body") from None
         finally:
             self.release()
 
+    def _too_large(self, n: int | None) -> str:
+        size = f"{n:,} bytes" if n is not None else "more"
+        return (f"the upstream's response is too large ({size}; this gateway reads at most "
+                f"{self._pool.max_body:,} bytes of a non-streamed answer: CBORG_UPSTREAM_MAX_BODY_BYTES)")
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        conn = self._conn
+        """The body as it arrives; reading pauses while the consumer is behind."""
+        content = self._r.content
         try:
             while True:
-                if conn.chunks:
-                    yield conn.take()
-                    continue
-                if conn.complete:
+                try:
+                    data = await content.readany()
+                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                    raise _convert(e, self._target, self._timeouts, "body") from None
+                if not data:
                     return
-                if conn.error is not None:
-                    raise conn.error
-                await self._wait_data()
+                yield data
         finally:
             self.release()
 
     def release(self) -> None:
-        """Give the connection back to the pool if the exchange ended cleanly, else close it."""
-        if self._done:
-            return
-        self._done = True
-        conn = self._conn
-        if conn.complete and conn.keep_alive and not conn.closed and conn.error is None:
-            self._pool._put(self._key, conn)
-        else:
-            conn.close()
+        """Give the connection back to the pool if the body was read to its end, else close it."""
+        if not self._done:
+            self._done = True
+            self._r.release()
 
 
 class UpstreamPool:
-    """Keep-alive connections by (scheme, host, port)."""
+    """One aiohttp ClientSession for the gateway: pooled keep-alive connections per upstream."""
 
-    def __init__(self, max_idle_per_host: int = 1024):
-        self._idle: dict[tuple, list[_Conn]] = {}
-        self._max_idle = max_idle_per_host
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY, conns_per_host: int = DEFAULT_CONNS_PER_HOST,
+                 keepalive_s: float = KEEPALIVE_S):
+        self.max_body = max_body
+        self._conns_per_host = conns_per_host
+        self._keepalive_s = keepalive_s
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple, URL] = {}
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+        self._proxies: dict[tuple[Proxy, str], tuple[URL, dict | None, tuple | None]] = {}
 
-    def _put(self, key: tuple, conn: _Conn) -> None:
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < self._max_idle:
-            conn._begin()
-            idle.append(conn)
-        else:
-            conn.close()
+    def _open(self) -> aiohttp.ClientSession:
+        connector = _Connector(limit=0, limit_per_host=self._conns_per_host, keepalive_timeout=self._keepalive_s,
+                               ttl_dns_cache=60, enable_cleanup_closed=False)
+        self._session = aiohttp.ClientSession(
+            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"), auto_decompress=True,
+            read_bufsize=_READ_BUFSIZE, raise_for_status=False, timeout=aiohttp.ClientTimeout())
+        return self._session
 
-    async def _connect(self, target: Target, timeout: float) -> _Conn:
-        loop = asyncio.get_running_loop()
-        kw = {}
-        if target.scheme == "https":
-            kw = {"ssl": _ssl_context(), "server_hostname": target.host}
-        try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(_Conn, target.host, target.port, **kw), timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamError("timeout", f"upstream timed out (connect after {timeout:g} s)") from None
-        except OSError as e:
-            raise UpstreamError("connect", f"cannot connect to upstream {target.host}:{target.port}: "
-                                           f"{e.strerror or e}") from None
-        return conn
+    def _url(self, target: Target, path: str) -> URL:
+        k = (target, path)
+        u = self._urls.get(k)
+        if u is None:
+            if len(self._urls) > 4096:     # paths with ids (stored responses): don't grow without bound
+                self._urls.clear()
+            u = self._urls[k] = URL(target.url(path), encoded=True)
+        return u
+
+    def _timeout(self, t: Timeouts) -> aiohttp.ClientTimeout:
+        ct = self._timeouts.get(t)
+        if ct is None:
+            # sock_read is the first-byte wait until the headers; request() then sets the read gap.
+            ct = self._timeouts[t] = aiohttp.ClientTimeout(total=t.total, sock_connect=t.connect,
+                                                           sock_read=t.first_byte)
+        return ct
+
+    def _proxy(self, p: Proxy, scheme: str) -> tuple[URL, dict | None, tuple | None]:
+        """The proxy's URL, its headers for a CONNECT (https upstreams), and the Proxy-Authorization
+        header to add to a plain-http request (which goes to the proxy in absolute form)."""
+        got = self._proxies.get((p, scheme))
+        if got is None:
+            auth = aiohttp.encode_basic_auth(p.user, p.password or "") if p.user else None
+            if scheme == "https":
+                got = (URL(p.url), {"Proxy-Authorization": auth} if auth else None, None)
+            else:
+                got = (URL(p.url), None, ("Proxy-Authorization", auth) if auth else None)
+            self._proxies[(p, scheme)] = got
+        return got
 
     async def request(self, target: Target, method: bytes, path: str, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"", timeouts: Timeouts = Timeouts()) -> UpstreamResponse:
@@ -292,48 +253,44 @@ class UpstreamPool:
         A pooled connection that turns out dead before any response byte is retried once on a
         new one (the server closed an idle keep-alive connection; nothing was processed).
         """
-        key = target.key
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeouts.total
-        head = b"%s %s HTTP/1.1\r\nhost: %s\r\ncontent-length: %d\r\n" % (
-            method, (target.path + path).encode(), target.host_header, len(body))
-        parts = [head]
+        hdrs = []
         for k, v in headers:
-            if b"\r" in v or b"\n" in v:
+            if b"\r" in v or b"\n" in v or b"\r" in k or b"\n" in k:
                 raise ValueError(f"header {k!r} has a line break")
-            parts += (k, b": ", v, b"\r\n")
-        parts += (b"\r\n", body)
-        payload = b"".join(parts)
+            hdrs.append((k.decode("latin-1"), v.decode("latin-1")))
+        session = self._session or self._open()
+        url = self._url(target, path)
+        ct = self._timeout(timeouts)
+        proxy = proxy_headers = None
+        if target.proxy is not None:
+            proxy, proxy_headers, auth_header = self._proxy(target.proxy, target.scheme)
+            if auth_header is not None:
+                hdrs.append(auth_header)
+        m = method.decode()
         for attempt in (0, 1):
-            idle = self._idle.get(key)
-            conn = None
-            while idle:
-                c = idle.pop()
-                if not c.closed:
-                    conn = c
-                    break
-            reused = conn is not None
-            if conn is None:
-                conn = await self._connect(target, timeouts.connect)
-            conn.transport.write(payload)
-            h = _timeout(conn.head, min(timeouts.first_byte, timeouts.total), "waiting for the first byte")
+            _REUSED.set(False)
             try:
-                await conn.head
-            except UpstreamError as e:
-                conn.close()
-                if reused and attempt == 0 and e.kind == "closed" and not conn.got_bytes:
+                r = await session.request(m, url, headers=hdrs, data=body, timeout=ct, allow_redirects=False,
+                                          proxy=proxy, proxy_headers=proxy_headers)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                if attempt == 0 and _REUSED.get() and not isinstance(e, aiohttp.ClientConnectorError):
                     continue
-                raise
-            except BaseException:
-                conn.close()
-                raise
-            finally:
-                h.cancel()
-            return UpstreamResponse(conn, self, key, timeouts, deadline)
+                raise _convert(e, target, timeouts, "head") from None
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                raise _convert(e, target, timeouts, "head") from None
+            if r.status == 407 and target.proxy is not None:     # a plain-http request the proxy refused
+                r.release()
+                raise ConnectError(f"the proxy {target.proxy.label} refused the request to {target.host}:"
+                                   f"{target.port} (HTTP 407: its credentials are missing or wrong)")
+            if timeouts.read != timeouts.first_byte and not r.content.is_eof():
+                conn = r.connection
+                if conn is not None and conn.protocol is not None:
+                    conn.protocol.read_timeout = timeouts.read     # from now on, the gap between chunks
+                    conn.protocol.start_timeout()
+            return UpstreamResponse(r, self, target, timeouts)
         raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        for idle in self._idle.values():
-            for c in idle:
-                c.close()
-        self._idle.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -17,7 +17,7 @@ from common.asgi import NO_RETRY, HTTPError
 
 from .catalog import Route
 from .providers.base import Endpoint, scrub
-from .upstream import UpstreamError
+from .upstream import ConnectError, UpstreamError, UpstreamTimeout
 
 
 
@@ -55,8 +55,11 @@ def from_response(status: int, data: bytes, retry_after: str | None, message: st
 def from_transport(e: UpstreamError, route: Route, ep: Endpoint) -> HTTPError:
     """Timeouts are 504, everything else that kept an answer from arriving is 502."""
     msg = scrub(str(e), ep.api_key)
-    if e.kind == "timeout":
+    if isinstance(e, UpstreamTimeout):
         return HTTPError(504, f"The upstream for '{route.name}' timed out: {msg}", code="upstream_timeout",
                          type="timeout_error", headers=[NO_RETRY])
-    return HTTPError(502, f"The upstream for '{route.name}' is unreachable: {msg}", code="upstream_unreachable",
+    if isinstance(e, ConnectError):
+        return HTTPError(502, f"The upstream for '{route.name}' is unreachable: {msg}", code="upstream_unreachable",
+                         type="upstream_error", headers=[NO_RETRY])
+    return HTTPError(502, f"The upstream for '{route.name}' failed: {msg}", code="upstream_error",
                      type="upstream_error", headers=[NO_RETRY])

@@ -88,3 +88,21 @@ cborg_browser_env() {
          "the browser tests will skip" >&2
   fi
 }
+
+# Debian's tinyproxy, a real forward proxy for the transport's proxy tests (tests/test_transport_proxy.py):
+# installed with apt-get where it is missing and this runs as root; elsewhere those tests skip saying
+# why (and fail under CBORG_REQUIRE_SERVICES=1).
+cborg_proxy_env() {
+  if [ -x /usr/bin/tinyproxy ] || [ -x /usr/sbin/tinyproxy ]; then
+    return 0
+  fi
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+    echo "==> installing tinyproxy (apt-get) for the proxy tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q tinyproxy >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q tinyproxy >/dev/null 2>&1; } \
+      || echo "==> could not install tinyproxy: the proxy tests will skip" >&2
+  else
+    echo "==> no tinyproxy (Debian: apt-get install tinyproxy): the proxy tests will skip" >&2
+  fi
+}

@@ -15,6 +15,10 @@ Scenarios (each runs its own gateway process; the key has parallel, RPM, TPM and
   messages-openai     POST /v1/messages for openai/gpt-4o, translated to chat and back
   responses-native    POST /v1/responses for openai/gpt-4o, passed through (Codex's path)
   responses-anthropic POST /v1/responses for anthropic/claude-sonnet, translated through chat to Messages
+
+--compare DIR also runs every scenario with the gateway of another checkout (e.g. a worktree of the
+previous commit: `git worktree add /tmp/bench-old main`), as `<scenario>@base`, in the same rounds, and
+prints this checkout's throughput and added p50 against it (medians of per-round ratios/differences).
 """
 from __future__ import annotations
 
@@ -206,9 +210,10 @@ def bench_catalog(tmp: Path) -> Path:
     return p
 
 
-def start_gateway(port: int, env: dict, cpu: str, log: Path) -> subprocess.Popen:
+def start_gateway(port: int, env: dict, cpu: str, log: Path, root: Path = ROOT) -> subprocess.Popen:
+    env = {**os.environ, **env, "PYTHONPATH": str(root)}
     p = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-m", "cborg.cli", "router", "--port", str(port),
-                          "--log-level", "warning"], env={**os.environ, **env}, cwd=ROOT,
+                          "--log-level", "warning"], env=env, cwd=root,
                          stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     import urllib.request
     for _ in range(300):
@@ -229,11 +234,21 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gateway-cpu", default="1")
     ap.add_argument("--load-cpu", default="0")
+    ap.add_argument("--compare", metavar="DIR", help="another checkout whose gateway runs every scenario too, "
+                                                      "as <scenario>@base")
     a = ap.parse_args()
     scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     for s in scen:
         if s not in SCENARIOS:
             sys.exit(f"unknown scenario {s}; known: {', '.join(SCENARIOS)}")
+    roots = {s: ROOT for s in scen}
+    if a.compare:
+        base_root = Path(a.compare).resolve()
+        if not (base_root / "cborg" / "cli.py").exists():
+            sys.exit(f"--compare {a.compare}: not a CBorg checkout")
+        for s in list(scen):
+            roots[s + "@base"] = base_root
+            scen.append(s + "@base")
 
     tmp = Path(tempfile.mkdtemp(prefix="cborg-bench-"))
     nport = free_port()
@@ -252,13 +267,13 @@ def main() -> None:
         # noisy machine. Medians over rounds; ratios are medians of the per-round ratios.
         setup = {}
         for s in scen:
-            model, path, extra_env, db_kind, *api = SCENARIOS[s]
+            model, path, extra_env, db_kind, *api = SCENARIOS[s.split("@")[0]]
             api = api[0] if api else "chat"
             db = asyncio.run(pg_schema(schema)) if db_kind == "postgres" else f"sqlite:///{tmp / (s + '.db')}"
             key = asyncio.run(make_key(db))
             port = free_port()
             gw = start_gateway(port, {**base_env, **extra_env, "CBORG_DATABASE_URL": db}, a.gateway_cpu,
-                               tmp / f"gw-{s}.log")
+                               tmp / f"gw-{s}.log", roots[s])
             procs.append(gw)
             gpath = {"chat": "/v1/chat/completions", "messages": "/v1/messages", "responses": "/v1/responses"}[api]
             setup[s] = (gw, lua(tmp, model, key, s, api), lua(tmp, "gpt-4o", key, s + "-direct"),
@@ -293,7 +308,7 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
         pin_services(None)
-        if any(SCENARIOS[x][3] == "postgres" for x in scen):
+        if any(SCENARIOS[x.split("@")[0]][3] == "postgres" for x in scen):
             asyncio.run(pg_schema(schema, drop=True))
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -318,6 +333,16 @@ def main() -> None:
         rs, rb = results[s]["rounds"], results[base]["rounds"]
         return statistics.median((g["p50_ms"] - d["p50_ms"]) - (gb["p50_ms"] - db["p50_ms"]) for g, d, gb, db in
                                  zip(rs["gw_c1"], rs["direct_c1"], rb["gw_c1"], rb["direct_c1"]))
+    if a.compare:
+        print(f"base: {a.compare} ({git_head(Path(a.compare))}); this checkout: {git_head(ROOT)}")
+        for s in results:
+            if s + "@base" in results:
+                each = [x["rps"] / b["rps"] for x, b in zip(results[s]["rounds"]["gw_c32"],
+                                                              results[s + "@base"]["rounds"]["gw_c32"])]
+                print(f"{s} vs {s}@base: throughput ratio c=32 {per_round(s, s + '@base', 'rps'):.2f} "
+                      f"(per round: {', '.join(f'{v:.2f}' for v in each)}), added p50 c=1 "
+                      f"{added_diff(s, s + '@base'):+.3f} ms, CPU per request (base/this) "
+                      f"{per_round(s, s + '@base', 'cpu_us', inverse=True):.2f}")
     for s in results:
         if "accounting-off" in results and s in ("passthrough", "redis-postgres"):
             print(f"{s} (limits + accounting on) / accounting-off, medians of per-round ratios: throughput "
@@ -333,6 +358,11 @@ def main() -> None:
         if s == "anthropic" and "passthrough" in results:
             print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
                   f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")
+
+
+def git_head(root: Path) -> str:
+    r = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    return r.stdout.strip()[:80] or "not a git checkout"
 
 
 def platform_line() -> str:

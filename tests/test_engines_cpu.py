@@ -288,6 +288,19 @@ def test_dimensions_truncate_and_renormalize(client, st_model):
     np.testing.assert_allclose(native, full / np.linalg.norm(full), atol=1e-5)
 
 
+def test_four_hundred_documents_as_floats(client, st_model):
+    """A RAG indexing batch: 400 documents, encoding_format="float" (a 3 MB answer; the old hand-written
+    upstream client stalled on answers past 1 MiB until its read timeout)."""
+    docs = [f"Document {i}: Berkeley Lab studies {['cats', 'batteries', 'climate', 'genomes'][i % 4]} "
+            f"in building {i % 97}." for i in range(400)]
+    t0 = time.monotonic()
+    d = client.embeddings.create(model="lbl/nomic-embed-text", input=docs, encoding_format="float")
+    assert time.monotonic() - t0 < 120
+    assert [x.index for x in d.data] == list(range(400))
+    np.testing.assert_allclose([d.data[i].embedding for i in (0, 199, 399)],
+                               st_model.encode([D + docs[i] for i in (0, 199, 399)]), atol=1e-5)
+
+
 def test_embedding_token_arrays_are_embedded_as_their_text(client, stack):
     """cl100k token arrays (what LangChain's OpenAIEmbeddings sends) are decoded at the gateway:
     the vectors are those of the text. The engine itself still takes text only."""

@@ -5,7 +5,8 @@ import os
 from importlib import import_module
 
 from ..catalog import ModelConf, ProviderConf
-from ..upstream import Target
+from .. import proxies
+from ..targets import Target
 from .base import Adapter, Endpoint
 
 _MODULES = {"openai": "openai_compat", "anthropic": "anthropic", "gemini": "gemini", "bedrock": "bedrock"}
@@ -45,6 +46,11 @@ def make_endpoint(name: str, conf: ProviderConf, model: ModelConf | None = None,
         ep.target = Target.parse(base)
     except ValueError:
         ep.missing = f"the provider '{name}' has an invalid base URL in {conf.base_url_env or 'models.yaml'}"
+        return ep
+    try:
+        ep.target = proxies.choose(ep.target, conf.proxy, conf.local, env)
+    except ValueError as e:     # an environment proxy the gateway cannot use (socks): say so, don't go around it
+        ep.missing = f"the provider '{name}' cannot use its proxy: {e}"
         return ep
     if conf.commercial and not api_key and key_var:
         ep.missing = f"the provider '{name}' has no credentials on this gateway: set {key_var}"

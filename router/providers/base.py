@@ -15,7 +15,7 @@ import orjson
 from common.asgi import HTTPError
 
 from ..catalog import ProviderConf, Route
-from ..upstream import Target
+from ..targets import Target
 
 
 @dataclass(slots=True)
