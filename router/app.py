@@ -68,6 +68,7 @@ class Gateway:
             else:
                 self.limiter = MemoryLimiter(self.policy, self.store)
             self.ledger = Ledger(self.store, interval=settings.ledger_interval_s, log_requests=settings.request_logs)
+        self.metrics.ledger = self.ledger
         self.accountant = Accountant(self.metrics, self.ledger, self.policy)
         self.pipeline = Pipeline(self)
         self.purge: asyncio.Task | None = None

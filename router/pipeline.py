@@ -18,6 +18,7 @@ import orjson
 from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
 from .accounting.cost import cost_of, estimate_tokens, format_cost
+from .accounting.usage import valid_usage
 from .auth import allowed, bearer_token
 from .catalog import Route
 from .providers import adapter
@@ -136,7 +137,8 @@ class Call:
 
     def account(self, usage: dict | None) -> float:
         if usage is not None:
-            self.usage = usage
+            served = self.served
+            self.usage = usage = valid_usage(usage, f"{served.provider_name} ({served.name})")
             self.cost = cost_of(self.served.model.price, usage) if self.served.commercial else 0.0
         return self.cost
 
@@ -440,7 +442,7 @@ class Pipeline:
             if call.usage is None and tr.usage is not None:
                 # Cut short (client gone, upstream failed): account the usage reported so far,
                 # with at least one output token per delivered chunk.
-                u = normalize_usage(tr.usage)
+                u = valid_usage(normalize_usage(tr.usage), f"{route.provider_name} ({route.name})")
                 if u["completion_tokens"] < call.chunks:
                     u["completion_tokens"] = call.chunks
                     u["total_tokens"] = u["prompt_tokens"] + call.chunks
