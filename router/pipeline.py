@@ -17,7 +17,7 @@ import orjson
 
 from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
-from .accounting.cost import cost_of, estimate_tokens, format_cost
+from .accounting.cost import cost_of, estimate_tokens, format_cost, worst_cost
 from .accounting.usage import valid_usage
 from .auth import allowed, bearer_token
 from .catalog import Route
@@ -109,7 +109,7 @@ class Call:
 
     __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
                  "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit",
-                 "inbound", "endpoint")
+                 "inbound", "endpoint", "reserve")
 
     def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool,
                  inbound: "Inbound | None" = None):
@@ -130,6 +130,7 @@ class Call:
         self.done = False
         self.error: str | None = None
         self.prompt_estimate = 0
+        self.reserve = 0.0                 # the worst-case cost held against budgets while it runs
         self.chunks = 0
         self.limit: str | None = None      # the limit that refused it, if one did
         self.inbound = inbound             # a request in another API's shape (router/agents.py), or None
@@ -181,6 +182,8 @@ class Pipeline:
         if inbound is None:
             apply_alias(route, op, body)
         call.prompt_estimate = estimate_tokens(raw)
+        if route.commercial:      # (free models have no budget to reserve against)
+            call.reserve = worst_cost(route.model, body, call.prompt_estimate)
         try:
             # Without an await where the limiter can answer at once (the in-process one, nearly always).
             adm = gw.limiter.admit_now(call)
