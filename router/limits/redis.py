@@ -2,8 +2,10 @@
 
 Each admission is one Lua script (atomic: check every scope, then count in every scope); each end of
 request is one more, sent without waiting for its reply. Parallel slots are leases in a sorted set
-(score = expiry, in ms): this replica renews the leases of its in-flight requests every lease/3 seconds,
-so a replica that dies stops renewing and its slots free themselves within `lease_s`.
+(member = request id, score = expiry in ms): a new lease is short (FIRST_LEASE_S) until the renewer's next
+tick, and this replica renews the leases of its in-flight requests every lease/3 seconds, so a replica
+that dies stops renewing and its slots free themselves within `lease_s`. An admission the client gave up
+on (Redis stalled) is released right behind it, or lapses with its short first lease.
 Budgets: spend per scope lives in a Redis hash, seeded from the database the first time a scope is
 seen (and again if Redis loses it); each call in progress holds its worst-case cost in the scope's holds
 zset (a lease as the parallel slots are: renewed while in flight, removed at its end); the ledger keeps the database's copy, and every `reconcile_s`
@@ -22,9 +24,14 @@ from common.tasks import stop_task
 from . import OPEN, fit_estimate, limit_header, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
-from .resp import RedisError, RespClient, pack_args, sha1
+from .resp import RedisError, RespClient, pack, pack_args, sha1
 
 log = logging.getLogger("cborg.limits")
+
+FIRST_LEASE_S = 5.0
+"""A new parallel slot's or budget hold's first lease: the renewer's next tick (a second later) makes it
+a whole lease (models.yaml `limits.lease_s`). An admission whose reply never came (Redis stalled past the
+client's timeout) runs late with this short lease, and nobody renews it."""
 
 # KEYS: 5 per check (parallel zset, request window, token window, budget hash, budget holds zset)
 # ARGV: now (ms), sec, request id, lease expiry (ms), token estimate, reservation (pico-dollars),
@@ -261,6 +268,9 @@ class RedisLimiter:
         self.store = store
         self.lease_s = lease_s
         self.lease_ms = int(lease_s * 1000)
+        self.first_ms = int(min(lease_s, FIRST_LEASE_S) * 1000)   # a new lease's, until the renewer's next tick
+        self.tick_s = min(1.0, lease_s / 3)
+        self.fresh: list[RedisAdmission] = []       # admitted since the renewer's last tick
         self.prefix = prefix
         self.clock = clock
         self.on_error = on_error
@@ -340,7 +350,7 @@ class RedisLimiter:
         est = call.prompt_estimate if cmds.tpm_cap is None else min(call.prompt_estimate, cmds.tpm_cap)
         nowms = int(now * 1000)
         hold = round(call.reserve * 1e12) if cmds.hold_keys else 0
-        packed = cmds.admit(nowms, sec, call.id, nowms + self.lease_ms, est, hold, len(checks))
+        packed = cmds.admit(nowms, sec, call.id, nowms + self.first_ms, est, hold, len(checks))
         try:
             for _ in range(len(checks) + 1):
                 res = await self._run(packed)
@@ -351,6 +361,7 @@ class RedisLimiter:
                 raise RedisError("budget counters vanished while being seeded")
         except (RedisError, asyncio.TimeoutError) as e:
             self._error(e)
+            self._abandon(call.id, cmds, hold)
             return OPEN
         if res[0] == 1:
             c = checks[res[1]]
@@ -371,7 +382,21 @@ class RedisLimiter:
         adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds, hold)
         if cmds.par_keys or hold:
             self.held[call.id] = adm
+            self.fresh.append(adm)
         return adm
+
+    def _abandon(self, rid: str, cmds: Commands, hold: int) -> None:
+        """An admission given up on (Redis did not answer in time: the call goes ahead unlimited) may
+        still run when Redis resumes: its lease and hold are removed right behind it, on the same
+        connection (so in order). If the connection is gone, they lapse with their first, short lease."""
+        try:
+            for k in cmds.par_keys:
+                self.redis.send_noreply(pack("ZREM", k, rid))
+            if hold:
+                for k in cmds.hold_keys:
+                    self.redis.send_noreply(pack("ZREM", k, f"{rid}:{hold}"))
+        except RedisError:
+            pass
 
     async def _seed(self, c: Check, key) -> None:
         """Put the database's spend for a scope into Redis (only if Redis has none)."""
@@ -407,22 +432,36 @@ class RedisLimiter:
             self._error(e)
 
     async def _renew(self) -> None:
+        """Every tick (a second), the leases admitted since the last get a whole lease; every third of
+        a lease, all of this replica's leases are extended."""
+        waited = 0.0
         while True:
-            await asyncio.sleep(self.lease_s / 3)
-            if self.held:
-                await self.renew_once()
+            await asyncio.sleep(self.tick_s)
+            waited += self.tick_s
+            if waited >= self.lease_s / 3 - 1e-9:
+                waited = 0.0
+                self.fresh.clear()
+                if self.held:
+                    await self.renew_once()
+            elif self.fresh:
+                fresh, self.fresh = self.fresh, []
+                await self.renew_once([a for a in fresh if a.rid in self.held])
 
-    async def renew_once(self) -> None:
-        """Extend the leases of this replica's in-flight requests, reconnecting if the connection was
-        lost (long streams may be all that is in flight: no admission would reconnect for them), and
-        never waiting on Redis for longer than a third of a lease."""
+    async def renew_once(self, adms: list[RedisAdmission] | None = None) -> None:
+        """Extend the leases of this replica's in-flight requests (or of `adms`), reconnecting if the
+        connection was lost (long streams may be all that is in flight: no admission would reconnect
+        for them), and never waiting on Redis for longer than a third of a lease. Only leases still
+        there are extended (ZADD XX): a released or lapsed one stays gone."""
         expiry = int((self.clock() + self.lease_s) * 1000)
+        if adms is None:
+            adms = list(self.held.values())
+        if not adms:
+            return
         try:
             await self.redis.connect()
-            futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
-                    for rid, adm in list(self.held.items()) for k in adm.cmds.par_keys]
-            futs += [self.redis.send("ZADD", k, "XX", expiry, f"{rid}:{adm.hold}")
-                     for rid, adm in list(self.held.items()) if adm.hold for k in adm.cmds.hold_keys]
+            futs = [self.redis.send("ZADD", k, "XX", expiry, adm.rid) for adm in adms for k in adm.cmds.par_keys]
+            futs += [self.redis.send("ZADD", k, "XX", expiry, f"{adm.rid}:{adm.hold}")
+                     for adm in adms if adm.hold for k in adm.cmds.hold_keys]
             for r in await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), self.lease_s / 3):
                 if isinstance(r, Exception):
                     raise r
