@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Awaitable, Callable
@@ -134,6 +135,14 @@ class Gateway:
     def resolve_dynamic(self, name: str) -> Route | None:
         """Names the catalog does not list but something else knows (none yet)."""
         return None
+
+
+def create_worker_app() -> App:
+    """The app of a process uvicorn's --workers spawned: nothing of the CLI's set-up ran there, so
+    logging is set up here (at CBORG_LOG_LEVEL, which the CLI sets for its workers)."""
+    from common.logs import setup_logging
+    setup_logging(os.environ.get("CBORG_LOG_LEVEL") or "info")
+    return create_app()
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:
