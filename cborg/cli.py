@@ -33,12 +33,13 @@ def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") 
         _die(f"--workers {workers} needs CBORG_REDIS_URL: limits and budgets are shared between worker "
              "processes only through Redis. Set CBORG_REDIS_URL, or run one worker.")
     from common.logs import setup_logging
+    from common.server import server_options
     setup_logging(log_level)
-    kw = dict(host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-              log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096,
-              proxy_headers=False, server_header=False)
+    kw = server_options(host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
     if workers > 1:
-        uvicorn.run("router.app:create_app", factory=True, workers=workers, **kw)
+        # Spawned worker processes start from the factory alone: it sets their logging up at this level.
+        os.environ["CBORG_LOG_LEVEL"] = log_level
+        uvicorn.run("router.app:create_worker_app", factory=True, workers=workers, **kw)
     else:
         from router.app import create_app
         uvicorn.run(create_app(settings), **kw)

@@ -56,6 +56,7 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
     import uvicorn
 
     from common.logs import setup_logging
+    from common.server import server_options
     from inference.config import load_inference
     from router.app import create_app
     from router.catalog import ConfigError
@@ -99,8 +100,7 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
         gw.after_start.append(after_start)
         gw.before_stop.append(before_stop)
         setup_logging(log_level)
-        uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", lifespan="on", access_log=False,
-                    log_config=None, log_level=log_level, timeout_keep_alive=75, backlog=4096)
+        uvicorn.run(app, **server_options(host=host, port=port, log_level=log_level))
     finally:
         _stop_node(node)
 

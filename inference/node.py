@@ -229,6 +229,7 @@ def run_node(conf: InferenceConf, name: str | None, host: str | None = None, por
     import uvicorn
 
     from common.logs import setup_logging
+    from common.server import server_options
 
     nc = conf.node(name)
     token = os.environ.get(nc.token_env)
@@ -242,5 +243,5 @@ def run_node(conf: InferenceConf, name: str | None, host: str | None = None, por
     node = Node(conf, nc)
     log.info("node %s (profile %s) on %s:%d: %d deployments, GPUs %s", nc.name, conf.name, host, port,
              len(node.deployments), [g.index for g in node.gpus] or "none")
-    uvicorn.run(build_app(node, token), host=host, port=port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_config=None, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(build_app(node, token), **server_options(host=host, port=port, log_level=log_level,
+                                                         timeout_graceful_shutdown=5))

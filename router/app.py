@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import threading
 import time
 from typing import Awaitable, Callable
@@ -69,6 +70,7 @@ class Gateway:
             else:
                 self.limiter = MemoryLimiter(self.policy, self.store)
             self.ledger = Ledger(self.store, interval=settings.ledger_interval_s, log_requests=settings.request_logs)
+        self.metrics.ledger = self.ledger
         self.accountant = Accountant(self.metrics, self.ledger, self.policy)
         self.pipeline = Pipeline(self)
         self.purge: asyncio.Task | None = None
@@ -134,6 +136,14 @@ class Gateway:
     def resolve_dynamic(self, name: str) -> Route | None:
         """Names the catalog does not list but something else knows (none yet)."""
         return None
+
+
+def create_worker_app() -> App:
+    """The app of a process uvicorn's --workers spawned: nothing of the CLI's set-up ran there, so
+    logging is set up here (at CBORG_LOG_LEVEL, which the CLI sets for its workers)."""
+    from common.logs import setup_logging
+    setup_logging(os.environ.get("CBORG_LOG_LEVEL") or "info")
+    return create_app()
 
 
 def create_app(settings: Settings | None = None, catalog: Catalog | None = None) -> App:

@@ -45,6 +45,7 @@ class Metrics:
         self.tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.spend: dict[str, float] = defaultdict(float)
         self.in_flight = 0
+        self.ledger = None        # the ledger writer (router/app.py), whose rows quarantined and dropped are counted
         self.rejections = Counter("cborg_limiter_rejections", "Requests refused by a limit",
                                   ["limit", "scope"], registry=self.registry)
         self.limiter_errors = Counter("cborg_limiter_errors", "Limiter backend errors (requests admitted open)",
@@ -95,6 +96,11 @@ class Metrics:
         for model, v in list(self.spend.items()):
             sp.add_metric([model], v)
         yield sp
+        if self.ledger is not None:
+            yield CounterMetricFamily("cborg_ledger_quarantined_rows", "Ledger rows the database refused on their "
+                                      "own, logged whole and not retried", value=self.ledger.quarantined)
+            yield CounterMetricFamily("cborg_ledger_dropped_rows", "Ledger rows dropped when the queue overflowed "
+                                      "while the database was unreachable", value=self.ledger.dropped)
         yield GaugeMetricFamily("cborg_in_flight_requests", "Inference requests in progress", value=self.in_flight)
 
     def render(self) -> bytes:

@@ -17,7 +17,8 @@ import orjson
 
 from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
 
-from .accounting.cost import cost_of, estimate_tokens, format_cost
+from .accounting.cost import cost_of, estimate_tokens, format_cost, worst_cost
+from .accounting.usage import valid_usage
 from .auth import allowed, bearer_token
 from .catalog import Route
 from .providers import adapter
@@ -108,7 +109,7 @@ class Call:
 
     __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
                  "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit",
-                 "inbound", "endpoint")
+                 "inbound", "endpoint", "reserve")
 
     def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool,
                  inbound: "Inbound | None" = None):
@@ -129,6 +130,7 @@ class Call:
         self.done = False
         self.error: str | None = None
         self.prompt_estimate = 0
+        self.reserve = 0.0                 # the worst-case cost held against budgets while it runs
         self.chunks = 0
         self.limit: str | None = None      # the limit that refused it, if one did
         self.inbound = inbound             # a request in another API's shape (router/agents.py), or None
@@ -136,7 +138,8 @@ class Call:
 
     def account(self, usage: dict | None) -> float:
         if usage is not None:
-            self.usage = usage
+            served = self.served
+            self.usage = usage = valid_usage(usage, f"{served.provider_name} ({served.name})")
             self.cost = cost_of(self.served.model.price, usage) if self.served.commercial else 0.0
         return self.cost
 
@@ -179,6 +182,8 @@ class Pipeline:
         if inbound is None:
             apply_alias(route, op, body)
         call.prompt_estimate = estimate_tokens(raw)
+        if route.commercial:      # (free models have no budget to reserve against)
+            call.reserve = worst_cost(route.model, body, call.prompt_estimate)
         try:
             # Without an await where the limiter can answer at once (the in-process one, nearly always).
             adm = gw.limiter.admit_now(call)
@@ -439,7 +444,7 @@ class Pipeline:
             if call.usage is None and tr.usage is not None:
                 # Cut short (client gone, upstream failed): account the usage reported so far,
                 # with at least one output token per delivered chunk.
-                u = normalize_usage(tr.usage)
+                u = valid_usage(normalize_usage(tr.usage), f"{route.provider_name} ({route.name})")
                 if u["completion_tokens"] < call.chunks:
                     u["completion_tokens"] = call.chunks
                     u["total_tokens"] = u["prompt_tokens"] + call.chunks

@@ -49,7 +49,7 @@ _n = 0
 def call(key, route=PAID, est=10):
     global _n
     _n += 1
-    return SimpleNamespace(key=key, route=route, id=f"req-{_n}", prompt_estimate=est, usage=None, cost=0.0)
+    return SimpleNamespace(key=key, route=route, id=f"req-{_n}", prompt_estimate=est, usage=None, cost=0.0, reserve=0.0)
 
 
 def key(**kw) -> KeyRecord:

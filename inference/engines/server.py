@@ -100,8 +100,8 @@ def serve(app: App, spec: Spec) -> None:
     import uvicorn
 
     from common.logs import setup_logging
+    from common.server import server_options
 
     setup_logging(os.environ.get("CBORG_LOG_LEVEL", "info"))
     log.info("listening", extra={"deployment": spec.deployment.name, "port": spec.port})
-    uvicorn.run(app, host=spec.host, port=spec.port, loop="uvloop", http="httptools", lifespan="on",
-                access_log=False, log_config=None, log_level="warning", timeout_keep_alive=75, backlog=4096)
+    uvicorn.run(app, **server_options(host=spec.host, port=spec.port, log_level="warning"))

@@ -1,7 +1,7 @@
 """Cost of a request from the catalog's prices and the upstream's usage."""
 from __future__ import annotations
 
-from ..catalog import Price
+from ..catalog import ModelConf, Price
 
 
 def cost_of(price: Price, usage: dict) -> float:
@@ -17,6 +17,20 @@ def cost_of(price: Price, usage: dict) -> float:
     write_price = price.cache_write if price.cache_write is not None else price.input
     return (plain * price.input + cached * cached_price + written * write_price
             + completion * price.output) / 1e6
+
+
+def worst_cost(model: ModelConf, body: dict, prompt_estimate: int) -> float:
+    """The most a call can cost, reserved against budgets at admission (router/limits): the prompt
+    estimate at the input price and the output limit the caller asked for (max_completion_tokens,
+    max_tokens, or the Responses API's max_output_tokens), else the model's, at the output price."""
+    price = model.price
+    out = 0
+    if model.mode == "chat":
+        out = model.max_output_tokens
+        asked = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+        if type(asked) is int and 0 < asked < out:
+            out = asked
+    return (prompt_estimate * price.input + out * price.output) / 1e6
 
 
 def format_cost(cost: float) -> bytes:

@@ -6,11 +6,13 @@ same flush hands the request log lines (JSON, made per request) to the `cborg.re
 record, so per-request logging costs one handler call per batch and the lines go where logging goes:
 stderr in production (common/logs.py writes them as they are), pytest's captured logs in tests.
 On graceful shutdown `stop` flushes everything; after SIGKILL at most `interval` of rows is lost.
-If the database is unreachable, rows stay queued and the next flush retries.
+If the database is unreachable, rows stay queued and the next flush retries; a row the database
+refuses on its own (a value out of its column's range) is quarantined: logged whole and counted.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -90,6 +92,7 @@ class Ledger:
         self._lock = asyncio.Lock()
         self.written = 0
         self.dropped = 0
+        self.quarantined = 0
 
     # -- hot path: append only ----------------------------------------------------------------
     def add(self, row: tuple, periods: tuple[float | None, float | None]) -> None:
@@ -139,13 +142,38 @@ class Ledger:
                 return
             rows, periods = self._rows, self._periods
             self._rows, self._periods = [], {}
-            keys, users = spend_deltas(rows, periods)
-            try:
-                await self.store.write_ledger(rows, keys, users, time.time())
-                self.written += len(rows)
-            except Exception as e:  # noqa: BLE001 - keep the rows and try again next time
+            left = await self._write(rows, periods)
+            if left:
+                self._requeue(left, periods)
+
+    async def _write(self, rows: list[tuple], periods: dict[str, tuple]) -> list[tuple]:
+        """Write `rows`; the rows left to retry (the database unreachable). When the database answers
+        but refuses the batch, the rows it refuses are quarantined (halving the batch until a refused
+        row stands alone), so that one bad row never holds back the others."""
+        keys, users = spend_deltas(rows, periods)
+        try:
+            await self.store.write_ledger(rows, keys, users, time.time())
+            self.written += len(rows)
+            return []
+        except Exception as e:  # noqa: BLE001 - keep the rows and try again next time
+            if not await self.store.ping():
                 log.error("ledger flush of %d rows failed, will retry: %s", len(rows), e)
-                self._requeue(rows, periods)
+                return rows
+            if len(rows) == 1:
+                self._quarantine(rows[0], e)
+                return []
+        mid = len(rows) // 2
+        left = await self._write(rows[:mid], periods)
+        if left:
+            return left + rows[mid:]
+        return await self._write(rows[mid:], periods)
+
+    def _quarantine(self, row: tuple, err: Exception) -> None:
+        """A row the database refused on its own: logged whole (it can be written by hand) and counted
+        (`cborg_ledger_quarantined_rows` in /metrics), never retried."""
+        self.quarantined += 1
+        log.error("ledger row quarantined (the database refused it: %s): %s", err,
+                  json.dumps(dict(zip(LEDGER_COLUMNS, row)), default=repr))
 
     def _requeue(self, rows: list[tuple], periods: dict[str, tuple]) -> None:
         self._rows[:0] = rows

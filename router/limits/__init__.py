@@ -3,6 +3,8 @@
 A limiter's `admit(call)` either raises a 429 HTTPError naming the limit, its value and when it
 resets, or returns an Admission whose `finish(call)` (called exactly once, by Call.finish) releases
 parallel slots, corrects the token estimate to the actual usage and adds the cost to the spend.
+Budgets are reserved: admission holds the call's worst-case cost (`call.reserve`: prompt estimate at
+the input price plus its output limit at the output price) until it ends (`over_budget`).
 Windows are 60 one-second buckets: "per minute" means any 60-second window, to the second.
 Two implementations: memory.py (one process) and redis.py (shared by replicas).
 """
@@ -24,8 +26,18 @@ def usd(v: float) -> str:
     return f"${v:,.2f}" if v >= 0.01 or v == 0 else f"${v:.2g}"
 
 
+def over_budget(spend: float, held: float, worst: float, budget: float) -> bool:
+    """Whether a call reserving `worst` (its worst-case cost) is refused, with `held` reserved by the
+    scope's calls in progress. A call is admitted while spend and reservations leave room, and its
+    whole worst case must fit unless it is the only call in progress: so concurrent calls cannot
+    together spend past the budget by more than one call's cost."""
+    if spend + held >= budget:
+        return True
+    return held > 0 and spend + held + worst > budget
+
+
 def reject(check: Check, limit: str, value: float, used: float, reset_in: float | None,
-           need: int = 0, reset_at: float | None = None) -> HTTPError:
+           need: int = 0, reset_at: float | None = None, held: float = 0.0) -> HTTPError:
     """The 429 for one exceeded limit: which, its value, and when it resets."""
     who = check.label
     if limit == "parallel":
@@ -34,8 +46,9 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
         retry = 1
     elif limit == "budget":
         when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(reset_at)) if reset_at else "never (no budget period)"
-        msg = (f"Budget exceeded for {who}: spent {usd(used)} of the {usd(value)} budget for commercial models; "
-               f"it resets {('at ' + when) if reset_at else when}. Free lbl/* models remain available.")
+        pending = f" (and {usd(held)} held by calls in progress)" if held else ""
+        msg = (f"Budget exceeded for {who}: spent {usd(used)}{pending} of the {usd(value)} budget for commercial "
+               f"models; it resets {('at ' + when) if reset_at else when}. Free lbl/* models remain available.")
         retry = max(1, math.ceil(reset_in)) if reset_in is not None else 3600
     else:
         extra = f", this request needs about {need}" if limit == "tpm" and need else ""

@@ -13,7 +13,7 @@ import collections
 import time
 from typing import Callable
 
-from . import fit_estimate, limit_header, ratelimit_headers, reject
+from . import fit_estimate, limit_header, over_budget, ratelimit_headers, reject
 from .budget import roll
 from .policy import Check, Policy
 
@@ -79,16 +79,19 @@ class Window:
 
 
 class _Scope:
-    """One scope's counters: requests in flight, the request and token windows, and its spend
-    ([spend, reset_at, period_s]; None until loaded from the database)."""
+    """One scope's counters: requests in flight, the request and token windows, its spend
+    ([spend, reset_at, period_s]; None until loaded from the database), and the worst-case cost
+    reserved by its calls in progress (`held`, by `holds` calls)."""
 
-    __slots__ = ("inflight", "req", "tok", "spend")
+    __slots__ = ("inflight", "req", "tok", "spend", "held", "holds")
 
     def __init__(self) -> None:
         self.inflight = 0
         self.req = Window()
         self.tok = Window()
         self.spend: list | None = None
+        self.held = 0.0
+        self.holds = 0
 
 
 class _Plan:
@@ -131,19 +134,24 @@ class _Plan:
 
 
 class MemAdmission:
-    __slots__ = ("plan", "sec", "est", "headers")
+    __slots__ = ("plan", "sec", "est", "headers", "held")
 
-    def __init__(self, plan: _Plan, sec: int, est: int, headers: list):
+    def __init__(self, plan: _Plan, sec: int, est: int, headers: list, held: float):
         self.plan = plan
         self.sec = sec
         self.est = est
         self.headers = headers
+        self.held = held
 
     def finish(self, call) -> None:
-        """Slots released, the token estimate replaced by the usage, the cost added to the spend."""
+        """Slots released, the token estimate replaced by the usage, the reservation by the cost."""
         plan = self.plan
         for st in plan.inflight:
             st.inflight -= 1
+        if self.held:
+            for _, _, st in plan.budget:
+                st.holds -= 1
+                st.held = st.held - self.held if st.holds else 0.0   # (no float residue once none is held)
         cost = call.cost
         tok = plan.tok_windows
         if tok or cost:
@@ -256,12 +264,13 @@ class MemoryLimiter:
                 raise reject(c, "tpm", n, w.total, w.reset_in(now, est, n), need=est)
             if tok_h is None or rem < tok_h[1]:
                 tok_h = (lh, rem)
+        worst = call.reserve if plan.budget else 0.0
         for c, n, st in plan.budget:
             s = st.spend
             if s[1] is None or now >= s[1]:
                 s[0], s[1] = roll(s[0], s[1], s[2], now)
-            if s[0] >= n:
-                raise reject(c, "budget", n, s[0], (s[1] - now) if s[1] else None, reset_at=s[1])
+            if over_budget(s[0], st.held, worst, n):
+                raise reject(c, "budget", n, s[0], (s[1] - now) if s[1] else None, reset_at=s[1], held=st.held)
         for st in plan.inflight:
             st.inflight += 1
         for _, _, w, _ in plan.rpm:
@@ -271,4 +280,8 @@ class MemoryLimiter:
             for w in plan.tok_windows:
                 w.cur += est
                 w.total += est
-        return MemAdmission(plan, sec, est, ratelimit_headers(req_h, tok_h))
+        if worst:
+            for _, _, st in plan.budget:
+                st.held += worst
+                st.holds += 1
+        return MemAdmission(plan, sec, est, ratelimit_headers(req_h, tok_h), worst)

@@ -2,10 +2,13 @@
 
 Each admission is one Lua script (atomic: check every scope, then count in every scope); each end of
 request is one more, sent without waiting for its reply. Parallel slots are leases in a sorted set
-(score = expiry, in ms): this replica renews the leases of its in-flight requests every lease/3 seconds,
-so a replica that dies stops renewing and its slots free themselves within `lease_s`.
+(member = request id, score = expiry in ms): a new lease is short (FIRST_LEASE_S) until the renewer's next
+tick, and this replica renews the leases of its in-flight requests every lease/3 seconds, so a replica
+that dies stops renewing and its slots free themselves within `lease_s`. An admission the client gave up
+on (Redis stalled) is released right behind it, or lapses with its short first lease.
 Budgets: spend per scope lives in a Redis hash, seeded from the database the first time a scope is
-seen (and again if Redis loses it); the ledger keeps the database's copy, and every `reconcile_s`
+seen (and again if Redis loses it); each call in progress holds its worst-case cost in the scope's holds
+zset (a lease as the parallel slots are: renewed while in flight, removed at its end); the ledger keeps the database's copy, and every `reconcile_s`
 Redis's figure is raised to the database's where Redis missed a request's end (RECONCILE).
 If Redis is unreachable, requests are admitted without limits (logged, counted in /metrics).
 """
@@ -21,19 +24,27 @@ from common.tasks import stop_task
 from . import OPEN, fit_estimate, limit_header, ratelimit_headers, reject, tokens_used
 from .budget import roll
 from .policy import Check, Policy
-from .resp import RedisError, RespClient, pack_args, sha1
+from .resp import RedisError, RespClient, pack, pack_args, sha1
 
 log = logging.getLogger("cborg.limits")
 
-# KEYS: 4 per check (parallel zset, request window, token window, budget hash)
-# ARGV: now (ms), sec, request id, lease expiry (ms), token estimate, number of checks, then 5 per
-#       check: parallel, rpm, tpm, budget, period (-1 = none)
+FIRST_LEASE_S = 5.0
+"""A new parallel slot's or budget hold's first lease: the renewer's next tick (a second later) makes it
+a whole lease (models.yaml `limits.lease_s`). An admission whose reply never came (Redis stalled past the
+client's timeout) runs late with this short lease, and nobody renews it."""
+
+# KEYS: 5 per check (parallel zset, request window, token window, budget hash, budget holds zset)
+# ARGV: now (ms), sec, request id, lease expiry (ms), token estimate, reservation (pico-dollars),
+#       number of checks, then 5 per check: parallel, rpm, tpm, budget, period (-1 = none)
+# A budget hold is a member "<request id>:<pico-dollars>" of the scope's holds zset (score = expiry, as
+# the parallel leases): the call's worst-case cost, held until it ends or its lease lapses.
 # Times go in as whole milliseconds and counts come back as whole numbers: a float's shortest
 # decimal text (both ways) was a fifth of the gateway's instructions per admission.
 # Reply: {0, then per rpm/tpm check {'r' or 't', check index, remaining}} | {1, index, limit, value,
-#        used, reset} | {2, index} (a budget scope to seed)
+#        used, reset[, held]} | {2, index} (a budget scope to seed)
 ADMIT = """
-local nowms, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local nowms, sec, rid, lease, est, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[7])
+local reserve = tonumber(ARGV[6]) / 1e12
 local now = nowms / 1000
 -- A window is a hash: one field per second (its count), 't' = the total of the fields in the
 -- window, 'o' = the oldest second not yet expired. Each call expires only the seconds that left
@@ -73,9 +84,9 @@ local function add(key, n_)
 end
 local out = {0}
 for i = 0, n - 1 do
-  local a = 7 + i * 5
+  local a = 8 + i * 5
   local par, rpm, tpm, budget, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local kp, kr, kt, kb = KEYS[i * 4 + 1], KEYS[i * 4 + 2], KEYS[i * 4 + 3], KEYS[i * 4 + 4]
+  local kp, kr, kt, kb, kh = KEYS[i * 5 + 1], KEYS[i * 5 + 2], KEYS[i * 5 + 3], KEYS[i * 5 + 4], KEYS[i * 5 + 5]
   if par >= 0 then
     redis.call('ZREMRANGEBYSCORE', kp, '-inf', nowms)
     local c = redis.call('ZCARD', kp)
@@ -105,31 +116,42 @@ for i = 0, n - 1 do
         redis.call('HSET', kb, 'spend', '0', 'reset_at', tostring(reset_at))
       end
     end
-    if spend >= budget then return {1, i, 'budget', tostring(budget), tostring(spend), tostring(reset_at or -1)} end
+    local held = 0
+    redis.call('ZREMRANGEBYSCORE', kh, '-inf', nowms)
+    for _, m in ipairs(redis.call('ZRANGE', kh, 0, -1)) do held = held + tonumber(string.match(m, ':(%d+)$')) end
+    held = held / 1e12
+    if spend + held >= budget or (held > 0 and spend + held + reserve > budget) then
+      return {1, i, 'budget', tostring(budget), tostring(spend), tostring(reset_at or -1), tostring(held)}
+    end
   end
 end
 for i = 0, n - 1 do
-  local a = 7 + i * 5
-  if tonumber(ARGV[a]) >= 0 then redis.call('ZADD', KEYS[i * 4 + 1], lease, rid); redis.call('EXPIRE', KEYS[i * 4 + 1], 86400) end
-  if tonumber(ARGV[a + 1]) >= 0 then add(KEYS[i * 4 + 2], 1) end
-  if tonumber(ARGV[a + 2]) >= 0 then add(KEYS[i * 4 + 3], est) end
+  local a = 8 + i * 5
+  if tonumber(ARGV[a]) >= 0 then redis.call('ZADD', KEYS[i * 5 + 1], lease, rid); redis.call('EXPIRE', KEYS[i * 5 + 1], 86400) end
+  if tonumber(ARGV[a + 1]) >= 0 then add(KEYS[i * 5 + 2], 1) end
+  if tonumber(ARGV[a + 2]) >= 0 then add(KEYS[i * 5 + 3], est) end
+  if reserve > 0 and tonumber(ARGV[a + 3]) >= 0 then
+    redis.call('ZADD', KEYS[i * 5 + 5], lease, rid .. ':' .. ARGV[6]); redis.call('EXPIRE', KEYS[i * 5 + 5], 86400)
+  end
 end
 return out
 """
 
-# KEYS: 3 per check (parallel zset, token window, budget hash)
+# KEYS: 4 per check (parallel zset, token window, budget hash, budget holds zset)
 # ARGV: request id, admission second, token estimate, tokens used, cost (pico-dollars), now (ms),
-#       number of checks, then 3 per check: has parallel, has tpm, period (-1 none; -2 no budget)
+#       reservation (pico-dollars, as admitted), number of checks, then 3 per check: has parallel,
+#       has tpm, period (-1 none; -2 no budget)
 # The estimate leaves its admission second (if still in the window) and the tokens used are counted
 # in the second the request ends: a request longer than the window still counts in full.
 FINISH = """
-local rid, sec, est, used, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) / 1e12, tonumber(ARGV[6]) / 1000, tonumber(ARGV[7])
+local rid, sec, est, used, cost, now, n = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]) / 1e12, tonumber(ARGV[6]) / 1000, tonumber(ARGV[8])
 local fsec = math.floor(now)
 for i = 0, n - 1 do
-  local a = 8 + i * 3
-  if ARGV[a] == '1' then redis.call('ZREM', KEYS[i * 3 + 1], rid) end
+  local a = 9 + i * 3
+  if ARGV[a] == '1' then redis.call('ZREM', KEYS[i * 4 + 1], rid) end
+  if ARGV[a + 2] ~= '-2' and ARGV[7] ~= '0' then redis.call('ZREM', KEYS[i * 4 + 4], rid .. ':' .. ARGV[7]) end
   if ARGV[a + 1] == '1' and est ~= used then
-    local kt = KEYS[i * 3 + 2]
+    local kt = KEYS[i * 4 + 2]
     if est ~= 0 and redis.call('HEXISTS', kt, sec) == 1 then
       redis.call('HINCRBY', kt, sec, -est)
       redis.call('HINCRBY', kt, 't', -est)
@@ -142,13 +164,13 @@ for i = 0, n - 1 do
     end
   end
   local period = tonumber(ARGV[a + 2])
-  if period ~= -2 and cost > 0 and redis.call('EXISTS', KEYS[i * 3 + 3]) == 1 then
-    local reset_at = tonumber(redis.call('HGET', KEYS[i * 3 + 3], 'reset_at'))
+  if period ~= -2 and cost > 0 and redis.call('EXISTS', KEYS[i * 4 + 3]) == 1 then
+    local reset_at = tonumber(redis.call('HGET', KEYS[i * 4 + 3], 'reset_at'))
     if period >= 0 and reset_at and now >= reset_at then
       reset_at = reset_at + (math.floor((now - reset_at) / period) + 1) * period
-      redis.call('HSET', KEYS[i * 3 + 3], 'spend', '0', 'reset_at', tostring(reset_at))
+      redis.call('HSET', KEYS[i * 4 + 3], 'spend', '0', 'reset_at', tostring(reset_at))
     end
-    redis.call('HINCRBYFLOAT', KEYS[i * 3 + 3], 'spend', cost)
+    redis.call('HINCRBYFLOAT', KEYS[i * 4 + 3], 'spend', cost)
   end
 end
 return 1
@@ -190,26 +212,27 @@ class Commands:
     per (key version, route) and spliced in, which keeps the gateway's CPU per request low."""
 
     __slots__ = ("admit_head", "admit_tail", "admit_n", "finish_head", "finish_tail", "finish_n", "par_keys",
-                 "tpm_cap")
+                 "hold_keys", "tpm_cap")
 
     def __init__(self, lim: "RedisLimiter", checks: tuple[Check, ...]):
         keys, args, fkeys, fargs = [], [], [], []
         for c in checks:
-            p, r, t, b = lim._names(c.scope)
-            keys += (p, r, t, b)
+            p, r, t, b, h = lim._names(c.scope)
+            keys += (p, r, t, b, h)
             args += (-1 if c.parallel is None else c.parallel, -1 if c.rpm is None else c.rpm,
                      -1 if c.tpm is None else c.tpm, -1 if c.budget is None else c.budget,
                      -1 if c.period_s is None else c.period_s)
-            fkeys += (p, t, b)
+            fkeys += (p, t, b, h)
             fargs += ("1" if c.parallel is not None else "0", "1" if c.tpm is not None else "0",
                       -2 if c.budget is None else (-1 if c.period_s is None else c.period_s))
         self.admit_head = pack_args("EVALSHA", sha1(ADMIT), len(keys), *keys)
         self.admit_tail = pack_args(*args) if args else b""
-        self.admit_n = 3 + len(keys) + 6 + len(args)
+        self.admit_n = 3 + len(keys) + 7 + len(args)
         self.finish_head = pack_args("EVALSHA", sha1(FINISH), len(fkeys), *fkeys)
         self.finish_tail = pack_args(*fargs) if fargs else b""
-        self.finish_n = 3 + len(fkeys) + 7 + len(fargs)
+        self.finish_n = 3 + len(fkeys) + 8 + len(fargs)
         self.par_keys = [lim._names(c.scope)[0] for c in checks if c.parallel is not None]
+        self.hold_keys = [lim._names(c.scope)[4] for c in checks if c.budget is not None]
         self.tpm_cap = fit_estimate(None, checks)
 
     def admit(self, *head) -> bytes:
@@ -220,9 +243,9 @@ class Commands:
 
 
 class RedisAdmission:
-    __slots__ = ("lim", "checks", "rid", "sec", "est", "headers", "cmds")
+    __slots__ = ("lim", "checks", "rid", "sec", "est", "headers", "cmds", "hold")
 
-    def __init__(self, lim, checks, rid, sec, est, headers, cmds):
+    def __init__(self, lim, checks, rid, sec, est, headers, cmds, hold):
         self.lim = lim
         self.checks = checks
         self.rid = rid
@@ -230,6 +253,7 @@ class RedisAdmission:
         self.est = est
         self.headers = headers
         self.cmds = cmds
+        self.hold = hold         # the budget reservation, pico-dollars (0: none)
 
     def finish(self, call) -> None:
         self.lim._finish(self, call)
@@ -244,6 +268,9 @@ class RedisLimiter:
         self.store = store
         self.lease_s = lease_s
         self.lease_ms = int(lease_s * 1000)
+        self.first_ms = int(min(lease_s, FIRST_LEASE_S) * 1000)   # a new lease's, until the renewer's next tick
+        self.tick_s = min(1.0, lease_s / 3)
+        self.fresh: list[RedisAdmission] = []       # admitted since the renewer's last tick
         self.prefix = prefix
         self.clock = clock
         self.on_error = on_error
@@ -287,7 +314,7 @@ class RedisLimiter:
         k = self._keys_cache.get(scope)
         if k is None:
             p = self.prefix + scope
-            k = self._keys_cache[scope] = (p + ":par", p + ":req", p + ":tok", p + ":spend")
+            k = self._keys_cache[scope] = (p + ":par", p + ":req", p + ":tok", p + ":spend", p + ":hold")
             if len(self._keys_cache) > 100_000:
                 self._keys_cache.clear()
         return k
@@ -322,7 +349,8 @@ class RedisLimiter:
         sec = int(now)
         est = call.prompt_estimate if cmds.tpm_cap is None else min(call.prompt_estimate, cmds.tpm_cap)
         nowms = int(now * 1000)
-        packed = cmds.admit(nowms, sec, call.id, nowms + self.lease_ms, est, len(checks))
+        hold = round(call.reserve * 1e12) if cmds.hold_keys else 0
+        packed = cmds.admit(nowms, sec, call.id, nowms + self.first_ms, est, hold, len(checks))
         try:
             for _ in range(len(checks) + 1):
                 res = await self._run(packed)
@@ -333,13 +361,15 @@ class RedisLimiter:
                 raise RedisError("budget counters vanished while being seeded")
         except (RedisError, asyncio.TimeoutError) as e:
             self._error(e)
+            self._abandon(call.id, cmds, hold)
             return OPEN
         if res[0] == 1:
             c = checks[res[1]]
             limit, value, used = res[2].decode(), float(res[3]), float(res[4])
             if limit == "budget":
                 ra = float(res[5])
-                raise reject(c, "budget", value, used, (ra - now) if ra > 0 else None, reset_at=ra if ra > 0 else None)
+                raise reject(c, "budget", value, used, (ra - now) if ra > 0 else None, reset_at=ra if ra > 0 else None,
+                             held=float(res[6]))
             raise reject(c, limit, value, used, float(res[5]), need=est)
         req_h = tok_h = None
         for kind, i, rem in res[1:]:
@@ -349,10 +379,24 @@ class RedisLimiter:
             elif tok_h is None or rem < tok_h[1]:
                 tok_h = (limit_header(b"x-ratelimit-limit-tokens", checks[i].tpm), rem)
         headers = ratelimit_headers(req_h, tok_h)
-        adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds)
-        if cmds.par_keys:
+        adm = RedisAdmission(self, checks, call.id, sec, est, headers, cmds, hold)
+        if cmds.par_keys or hold:
             self.held[call.id] = adm
+            self.fresh.append(adm)
         return adm
+
+    def _abandon(self, rid: str, cmds: Commands, hold: int) -> None:
+        """An admission given up on (Redis did not answer in time: the call goes ahead unlimited) may
+        still run when Redis resumes: its lease and hold are removed right behind it, on the same
+        connection (so in order). If the connection is gone, they lapse with their first, short lease."""
+        try:
+            for k in cmds.par_keys:
+                self.redis.send_noreply(pack("ZREM", k, rid))
+            if hold:
+                for k in cmds.hold_keys:
+                    self.redis.send_noreply(pack("ZREM", k, f"{rid}:{hold}"))
+        except RedisError:
+            pass
 
     async def _seed(self, c: Check, key) -> None:
         """Put the database's spend for a scope into Redis (only if Redis has none)."""
@@ -375,8 +419,7 @@ class RedisLimiter:
         slot lost that way frees itself when its lease ends."""
         self.held.pop(adm.rid, None)
         packed = adm.cmds.finish(adm.rid, adm.sec, adm.est, tokens_used(call), round(call.cost * 1e12),
-                                 int(self.clock() * 1000),
-                                 len(adm.checks))
+                                 int(self.clock() * 1000), adm.hold, len(adm.checks))
         try:
             self.redis.send_noreply(packed)
         except RedisError:
@@ -389,20 +432,36 @@ class RedisLimiter:
             self._error(e)
 
     async def _renew(self) -> None:
+        """Every tick (a second), the leases admitted since the last get a whole lease; every third of
+        a lease, all of this replica's leases are extended."""
+        waited = 0.0
         while True:
-            await asyncio.sleep(self.lease_s / 3)
-            if self.held:
-                await self.renew_once()
+            await asyncio.sleep(self.tick_s)
+            waited += self.tick_s
+            if waited >= self.lease_s / 3 - 1e-9:
+                waited = 0.0
+                self.fresh.clear()
+                if self.held:
+                    await self.renew_once()
+            elif self.fresh:
+                fresh, self.fresh = self.fresh, []
+                await self.renew_once([a for a in fresh if a.rid in self.held])
 
-    async def renew_once(self) -> None:
-        """Extend the leases of this replica's in-flight requests, reconnecting if the connection was
-        lost (long streams may be all that is in flight: no admission would reconnect for them), and
-        never waiting on Redis for longer than a third of a lease."""
+    async def renew_once(self, adms: list[RedisAdmission] | None = None) -> None:
+        """Extend the leases of this replica's in-flight requests (or of `adms`), reconnecting if the
+        connection was lost (long streams may be all that is in flight: no admission would reconnect
+        for them), and never waiting on Redis for longer than a third of a lease. Only leases still
+        there are extended (ZADD XX): a released or lapsed one stays gone."""
         expiry = int((self.clock() + self.lease_s) * 1000)
+        if adms is None:
+            adms = list(self.held.values())
+        if not adms:
+            return
         try:
             await self.redis.connect()
-            futs = [self.redis.send("ZADD", k, "XX", expiry, rid)
-                    for rid, adm in list(self.held.items()) for k in adm.cmds.par_keys]
+            futs = [self.redis.send("ZADD", k, "XX", expiry, adm.rid) for adm in adms for k in adm.cmds.par_keys]
+            futs += [self.redis.send("ZADD", k, "XX", expiry, f"{adm.rid}:{adm.hold}")
+                     for adm in adms if adm.hold for k in adm.cmds.hold_keys]
             for r in await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), self.lease_s / 3):
                 if isinstance(r, Exception):
                     raise r

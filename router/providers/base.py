@@ -188,16 +188,17 @@ def normalize_usage(usage: dict | None) -> dict:
 
     `prompt_tokens_details.cached_tokens` is 0 when nothing was cached: the CBorg prompt-caching
     example reads it unconditionally.
+    Counts are not checked here (a number of the wrong type or size is kept as it came): the
+    pipeline checks every call's usage once, naming the upstream (router/accounting/usage.py).
     """
     u = dict(usage) if usage else {}
-    p = int(u.get("prompt_tokens") or 0)
-    c = int(u.get("completion_tokens") or 0)
-    u["prompt_tokens"] = p
-    u["completion_tokens"] = c
-    u["total_tokens"] = int(u.get("total_tokens") or (p + c))
+    p = u["prompt_tokens"] = u.get("prompt_tokens") or 0
+    c = u["completion_tokens"] = u.get("completion_tokens") or 0
+    if not u.get("total_tokens"):
+        u["total_tokens"] = p + c if type(p) is int and type(c) is int else 0
     ptd = u.get("prompt_tokens_details")
     ptd = dict(ptd) if isinstance(ptd, dict) else {}
-    ptd["cached_tokens"] = int(ptd.get("cached_tokens") or 0)
+    ptd["cached_tokens"] = ptd.get("cached_tokens") or 0
     u["prompt_tokens_details"] = ptd
     return u
 

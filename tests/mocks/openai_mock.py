@@ -99,6 +99,7 @@ class Scripted:
     error_after: int | None = None     # stream: send an error event after this many chunks
     tool: tuple[str, dict] | None = None   # answer (streamed or not) with a call of this tool with these arguments
     text: str | None = None            # answer (streamed or not) with this text
+    usage: dict | None = None          # report this usage (streamed or not) in place of the counted one
 
 
 class MockOpenAI:
@@ -322,6 +323,8 @@ class MockOpenAI:
         chat = request.path.endswith("/chat/completions")
         text, calls, finish = self._reply(body, prompt, s) if chat else (f"echo: {prompt}", None, "stop")
         usage = self._usage(prompt, text or json.dumps(calls))
+        if s is not None and s.usage is not None:
+            usage = s.usage
         cid = ("chatcmpl-" if chat else "cmpl-") + hashlib.md5(f"{time.time()}".encode()).hexdigest()[:20]
         created = int(time.time())
         model = body["model"] + "-2024-08-06" if body["model"].startswith("gpt-4o") else body["model"]
