@@ -8,8 +8,8 @@ upstream request, then turns the upstream's answer back into its own shape:
   included) but for the model's upstream name, an alias's system prompt and parameter defaults; the
   usage read from the answer for accounting;
 - otherwise translation through the internal chat form (router/dialects/) and the provider's adapter.
-Responses made with `store` are kept (router/store/) for `previous_response_id` and GET/DELETE, for the
-key that made them alone.
+Responses made with `store` are kept (router/stored_responses.py: written after the reply) for
+`previous_response_id` and GET/DELETE, for the key that made them alone.
 """
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ class Inbound:
         raise NotImplementedError
 
     async def done(self, call: "Call", tr=None) -> None:
-        """After the answer (before a stream's last event): keep what must be kept."""
+        """After the answer (before a stream's last event): keep what must be kept (without waiting for it
+        to be written)."""
 
 
 class MessagesCall(Inbound):
@@ -119,7 +120,7 @@ def _not_found(rid: str, param: str | None = None) -> HTTPError:
 
 async def owned_response(gw: "Gateway", key: "KeyRecord", rid: str, param: str | None = None) -> ResponseRecord:
     """A stored response of this key, within the retention period; 404 otherwise (whoever else made it)."""
-    rec = await gw.store.get_response(rid) if rid else None
+    rec = await gw.responses.get(rid) if rid else None
     if rec is None or rec.key_id != key.id or rec.created_at < time.time() - gw.catalog.conf.responses.retention_s:
         raise _not_found(rid, param)
     return rec
@@ -212,10 +213,7 @@ class ResponsesCall(Inbound):
                                           for x in ro.input_items(self.body))]
                 rec = ResponseRecord(final["id"], self.key.id, route.name, False, {"response": final, "input": items})
         if rec is not None:
-            try:
-                await self.gw.store.put_response(rec)
-            except Exception:  # noqa: BLE001 - the answer stands; only its continuation is lost
-                log.exception("could not store response %s", rec.id)
+            self.gw.responses.put(rec)
 
 
 async def purge_responses(gw: "Gateway", every_s: float = 3600.0) -> None:

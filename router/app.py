@@ -28,6 +28,7 @@ from .pipeline import Pipeline
 from .providers import make_endpoint, token_arrays
 from .providers.base import Endpoint
 from .store import open_store
+from .stored_responses import StoredResponses
 from .upstream import UpstreamPool
 
 log = logging.getLogger("cborg.gateway")
@@ -71,6 +72,7 @@ class Gateway:
                 self.limiter = MemoryLimiter(self.policy, self.store)
             self.ledger = Ledger(self.store, interval=settings.ledger_interval_s, log_requests=settings.request_logs)
         self.metrics.ledger = self.ledger
+        self.responses = StoredResponses(self.store)
         self.accountant = Accountant(self.metrics, self.ledger, self.policy)
         self.pipeline = Pipeline(self)
         self.purge: asyncio.Task | None = None
@@ -98,6 +100,7 @@ class Gateway:
         await self.keys.start()
         await self.limiter.start()
         await self.ledger.start()
+        await self.responses.start()
         self.purge = asyncio.create_task(purge_responses(self), name="responses-purge")
         if any(self.catalog.providers[m.provider].local and m.name not in self.model_endpoints
                for m in self.catalog.models.values()):
@@ -115,6 +118,7 @@ class Gateway:
             await hook()
         await self.nodes.stop()
         await self.ledger.stop()      # flush every queued row before the store closes
+        await self.responses.stop()   # and every stored response not yet written
         await self.limiter.stop()
         await self.keys.stop()
         await self.pool.close()

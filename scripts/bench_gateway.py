@@ -353,8 +353,15 @@ def main() -> None:
                                                           results["accounting-off"]["rounds"]["gw_c32"])]
             print(f"  per round: {', '.join(f'{v:.2f}' for v in each)}")
         if s in AGENT_PAIRS and AGENT_PAIRS[s] in results:
+            cpu = statistics.median(x["cpu_us"] - b["cpu_us"] for x, b in
+                                    zip(results[s]["rounds"]["gw_c32"], results[AGENT_PAIRS[s]]["rounds"]["gw_c32"]))
             print(f"{s} vs {AGENT_PAIRS[s]} (translation vs pass-through): added p50 "
-                  f"{added_diff(s, AGENT_PAIRS[s]):+.3f} ms, throughput ratio {per_round(s, AGENT_PAIRS[s], 'rps'):.2f}")
+                  f"{added_diff(s, AGENT_PAIRS[s]):+.3f} ms, throughput ratio {per_round(s, AGENT_PAIRS[s], 'rps'):.2f}, "
+                  f"CPU per request {cpu:+.0f} us")
+            each = [(g["p50_ms"] - d["p50_ms"]) - (gb["p50_ms"] - db["p50_ms"]) for g, d, gb, db in zip(
+                results[s]["rounds"]["gw_c1"], results[s]["rounds"]["direct_c1"],
+                results[AGENT_PAIRS[s]]["rounds"]["gw_c1"], results[AGENT_PAIRS[s]]["rounds"]["direct_c1"])]
+            print(f"  added p50 per round (ms): {', '.join(f'{v:+.3f}' for v in each)}")
         if s == "anthropic" and "passthrough" in results:
             print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
                   f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")

@@ -147,13 +147,13 @@ async def _stored_response(gw: "Gateway", req: Request) -> Response:
         finally:
             release()
         if req.method == "DELETE" and status < 500:
-            await gw.store.delete_response(rid)
+            await gw.responses.delete(rid)
         if status >= 400:
             raise upstream_errors.from_response(status, data, None, adapter("openai").error_message(status, data),
                                                 route, ep)
         return Response(data)
     if req.method == "DELETE":
-        await gw.store.delete_response(rid)
+        await gw.responses.delete(rid)
         return json_response({"id": rid, "object": "response", "deleted": True})
     if sub == "input_items":
         items = list(rec.data["input"])

@@ -313,11 +313,11 @@ class PostgresStore:
                                     user_id, spend + d.delta, reset_at)
 
     # -- stored responses (Responses API)
-    async def put_response(self, rec: ResponseRecord) -> None:
-        await self.pool.execute("INSERT INTO responses (id, key_id, created_at, model, native, data) "
-                                "VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data",
-                                rec.id, rec.key_id, rec.created_at, rec.model, rec.native,
-                                orjson.dumps(rec.data).decode())
+    async def put_responses(self, recs: list[ResponseRecord]) -> None:
+        await self.pool.executemany(
+            "INSERT INTO responses (id, key_id, created_at, model, native, data) VALUES ($1, $2, $3, $4, $5, $6) "
+            "ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data",
+            [(r.id, r.key_id, r.created_at, r.model, r.native, orjson.dumps(r.data).decode()) for r in recs])
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         r = await self.pool.fetchrow("SELECT * FROM responses WHERE id = $1", response_id)

@@ -388,10 +388,19 @@ class SQLiteStore:
         await self._run(tx)
 
     # -- stored responses (Responses API)
-    async def put_response(self, rec: ResponseRecord) -> None:
-        row = (rec.id, rec.key_id, rec.created_at, rec.model, 1 if rec.native else 0, orjson.dumps(rec.data).decode())
-        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO responses (id, key_id, created_at, model, "
-                                              "native, data) VALUES (?,?,?,?,?,?)", row))
+    async def put_responses(self, recs: list[ResponseRecord]) -> None:
+        def tx(db: sqlite3.Connection) -> None:
+            rows = [(r.id, r.key_id, r.created_at, r.model, 1 if r.native else 0, orjson.dumps(r.data).decode())
+                    for r in recs]
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR REPLACE INTO responses (id, key_id, created_at, model, native, data) "
+                               "VALUES (?,?,?,?,?,?)", rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        await self._run(tx)
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         r = await self._run(lambda db: db.execute("SELECT * FROM responses WHERE id = ?", (response_id,)).fetchone())

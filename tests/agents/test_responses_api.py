@@ -197,9 +197,10 @@ def test_stored_responses_on_postgresql(tmp_path, mocks, pg_url):
 def test_retention_hides_and_purges_old_responses(client, cgw):
     import time
     r = client.responses.create(model="anthropic/claude-sonnet", input="old")
+    cgw.run(cgw.gw.responses.flush())
     rec = cgw.run(cgw.gw.store.get_response(r.id))
     rec.created_at = time.time() - cgw.gw.catalog.conf.responses.retention_s - 10
-    cgw.run(cgw.gw.store.put_response(rec))
+    cgw.run(cgw.gw.store.put_responses([rec]))
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(r.id)
     assert cgw.run(cgw.gw.store.purge_responses(time.time() - cgw.gw.catalog.conf.responses.retention_s)) >= 1
