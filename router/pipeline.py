@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import orjson
 
-from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse
+from common.asgi import CancelOnDisconnect, ClientDisconnected, HTTPError, Request, Response, StreamResponse, loads_object
 
 from .accounting.cost import cost_of, estimate_tokens, format_cost, worst_cost
 from .accounting.usage import valid_usage
@@ -90,14 +90,7 @@ def _retry_after(resp_headers: UpstreamResponse | None) -> float | None:
 
 def parse_object(raw: bytes) -> dict:
     """A request body: a JSON object naming a model (400s that say what is wrong)."""
-    if not raw:
-        raise HTTPError(400, "Request body is empty; expected a JSON object.")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise HTTPError(400, f"Request body is not valid JSON: {e}") from None
-    if type(body) is not dict:
-        raise HTTPError(400, "Request body must be a JSON object.")
+    body = loads_object(raw)
     model = body.get("model")
     if not model or type(model) is not str:
         raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")

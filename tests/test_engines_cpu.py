@@ -361,6 +361,18 @@ def test_engines_are_not_reachable_without_their_key(stack):
     assert eng["url"].startswith("http://127.0.0.1:")
 
 
+@pytest.mark.parametrize("name,path", [("embed-t", "/embeddings"), ("llama-t", "/chat/completions")])
+@pytest.mark.parametrize("body", [b"", b"[1, 2]", b'"text"', b"{not json", b"null"])
+def test_engines_answer_a_body_that_is_not_an_object_with_a_400(stack, name, path, body):
+    """The engines read bodies as the gateway does (common.asgi.loads_object): what is not a JSON
+    object is the caller's 400, in the OpenAI error shape."""
+    node, gw = stack
+    eng = node.deployment(name)
+    r = httpx.post(eng["url"] + path, content=body, headers={"Authorization": f"Bearer {eng['api_key']}",
+                                                             "Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
 # -- structured outputs, tools and the other parameters ------------------------------------------------
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},

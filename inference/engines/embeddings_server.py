@@ -203,10 +203,7 @@ def build_app(spec: Spec):
 
     async def embeddings(req: Request):
         check(req)
-        body = await req.json()
-        if not isinstance(body, dict):
-            raise HTTPError(400, "Request body must be a JSON object.")
-        return await engine.embed(body)
+        return await engine.embed(await req.json_object())
 
     async def models(req: Request):
         check(req)

@@ -405,10 +405,7 @@ def build_app(spec: Spec):
 
 
 async def _json(req: Request) -> dict:
-    body = await req.json()
-    if not isinstance(body, dict):
-        raise HTTPError(400, "Request body must be a JSON object.")
-    return body
+    return await req.json_object()
 
 
 def main() -> None:
