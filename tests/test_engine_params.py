@@ -122,6 +122,25 @@ def test_grammars_fix_the_output_shape():
     assert not _accepts(one, text) and _accepts(one, text.split(", {")[0] + "]")
 
 
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=st.dictionaries(st.text(max_size=6), _JSON, max_size=4), ascii_only=st.booleans(),
+       indent=st.sampled_from([None, 0, 2, 4, "\t"]))
+def test_json_mode_takes_any_object_and_ends(obj, ascii_only, indent):
+    """json_object: every JSON object is accepted, compact or pretty-printed (SmolLM2 writes JSON as it
+    was shown it: forced compact, it wanders); but whitespace and numbers cannot go on forever."""
+    g = plan({"messages": MSGS, "response_format": {"type": "json_object"}}, "chat", VOCAB).grammar
+    assert _accepts(g, json.dumps(obj, ensure_ascii=ascii_only, indent=indent))
+    assert _accepts(g, json.dumps(obj, separators=(",", ":")))
+    assert not _accepts(g, '{"age": 36.' + "0" * 16 + "1" * 200 + "}")
+    assert not _accepts(g, "{" + " " * 25 + "}") and not _accepts(g, "[1]") and not _accepts(g, ' {"a": 1}')
+
+
 @settings(max_examples=200, deadline=None)
 @given(calls=st.lists(st.tuples(st.sampled_from(["weather", "clock", "a\"b"]),
                                 st.dictionaries(st.text(max_size=5), st.recursive(
@@ -160,3 +179,4 @@ def test_named_tool_streams_its_head_first():
     assert first[1] == {"index": 0, "function": {"arguments": '{"city": '}}
     r.feed('"Oslo"}')
     assert r.calls[0]["function"]["arguments"] == '{"city": "Oslo"}'
+

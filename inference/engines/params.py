@@ -14,7 +14,7 @@ from typing import Any
 from common.asgi import HTTPError
 
 from .causal_lm import Sampling
-from .grammar import GrammarError, check, json_grammar, tool_calls_grammar
+from .grammar import JSON_OBJECT, GrammarError, check, json_grammar, tool_calls_grammar
 
 MAX_N = 16                 # choices per request (they are generated one after another on a CPU)
 MAX_LOGPROBS = 20          # OpenAI's top_logprobs limit, and vLLM's default max_logprobs
@@ -174,7 +174,7 @@ def _output(body: dict, op: str, p: Plan) -> None:
     if rf is not None:
         kind = rf.get("type") if isinstance(rf, dict) else None
         if kind == "json_object":
-            p.grammar = json_grammar({"type": "object"})
+            p.grammar = JSON_OBJECT
         elif kind == "json_schema":
             js = rf.get("json_schema")
             schema = js.get("schema") if isinstance(js, dict) else None
