@@ -73,6 +73,16 @@ def test_sampling_parameters_are_kept():
     assert plan({"messages": MSGS, "logprobs": False, "top_logprobs": None}, "chat", VOCAB).sampling.logprobs is None
 
 
+def test_deployment_sampling_defaults_apply_when_the_request_names_none():
+    """models.yaml's transformers.generation_config, as vLLM's generation config: a default only."""
+    d = {"temperature": 0.2, "top_p": 0.9, "top_k": None, "min_p": None, "repetition_penalty": 1.1}
+    s = plan({"messages": MSGS}, "chat", VOCAB, d).sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (0.2, 0.9, 0, 0.0, 1.1)
+    s = plan({"messages": MSGS, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}, "chat", VOCAB, d).sampling
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (1.0, 1.0, 1.0)
+    assert plan({"messages": MSGS}, "chat", VOCAB).sampling.temperature == 1.0          # OpenAI's default
+
+
 def test_tool_choice_auto_is_refused_with_the_way_out():
     e = refused({"tools": [WEATHER]})                      # auto is the default when tools are given
     assert e.param == "tool_choice" and "'required'" in e.message
