@@ -76,10 +76,22 @@ class VLLMConf(_Strict):
     extra_args: list[str] = []
 
 
+class SamplingDefaults(_Strict):
+    """Sampling for requests that name none (vLLM's generation config, `--override-generation-config`):
+    a small model sampled at temperature 1 wanders, and inside a constrained JSON string, where it may
+    not stop, it wanders until max_tokens. Unset: OpenAI's defaults (temperature 1, top_p 1)."""
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
+
+
 class TransformersConf(_Strict):
     device: str = "cpu"                        # cpu, or cuda (the deployment's one GPU)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     default_max_tokens: int = Field(256, ge=1) # when a request names none
+    generation_config: SamplingDefaults = SamplingDefaults()   # e.g. the model card's {temperature: 0.2, top_p: 0.9}
     max_queue: int = Field(16, ge=0)           # waiting requests beyond the running one; more -> 503
     threads: int | None = Field(None, ge=1)    # torch threads (default: torch's)
 

@@ -73,6 +73,16 @@ def test_sampling_parameters_are_kept():
     assert plan({"messages": MSGS, "logprobs": False, "top_logprobs": None}, "chat", VOCAB).sampling.logprobs is None
 
 
+def test_deployment_sampling_defaults_apply_when_the_request_names_none():
+    """models.yaml's transformers.generation_config, as vLLM's generation config: a default only."""
+    d = {"temperature": 0.2, "top_p": 0.9, "top_k": None, "min_p": None, "repetition_penalty": 1.1}
+    s = plan({"messages": MSGS}, "chat", VOCAB, d).sampling
+    assert (s.temperature, s.top_p, s.top_k, s.min_p, s.repetition_penalty) == (0.2, 0.9, 0, 0.0, 1.1)
+    s = plan({"messages": MSGS, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}, "chat", VOCAB, d).sampling
+    assert (s.temperature, s.top_p, s.repetition_penalty) == (1.0, 1.0, 1.0)
+    assert plan({"messages": MSGS}, "chat", VOCAB).sampling.temperature == 1.0          # OpenAI's default
+
+
 def test_tool_choice_auto_is_refused_with_the_way_out():
     e = refused({"tools": [WEATHER]})                      # auto is the default when tools are given
     assert e.param == "tool_choice" and "'required'" in e.message
@@ -122,6 +132,25 @@ def test_grammars_fix_the_output_shape():
     assert not _accepts(one, text) and _accepts(one, text.split(", {")[0] + "]")
 
 
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1)
+                     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                     lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(obj=st.dictionaries(st.text(max_size=6), _JSON, max_size=4), ascii_only=st.booleans(),
+       indent=st.sampled_from([None, 0, 2, 4, "\t"]))
+def test_json_mode_takes_any_object_and_ends(obj, ascii_only, indent):
+    """json_object: every JSON object is accepted, compact or pretty-printed (SmolLM2 writes JSON as it
+    was shown it: forced compact, it wanders); but whitespace and numbers cannot go on forever."""
+    g = plan({"messages": MSGS, "response_format": {"type": "json_object"}}, "chat", VOCAB).grammar
+    assert _accepts(g, json.dumps(obj, ensure_ascii=ascii_only, indent=indent))
+    assert _accepts(g, json.dumps(obj, separators=(",", ":")))
+    assert not _accepts(g, '{"age": 36.' + "0" * 16 + "1" * 200 + "}")
+    assert not _accepts(g, "{" + " " * 25 + "}") and not _accepts(g, "[1]") and not _accepts(g, ' {"a": 1}')
+
+
 @settings(max_examples=200, deadline=None)
 @given(calls=st.lists(st.tuples(st.sampled_from(["weather", "clock", "a\"b"]),
                                 st.dictionaries(st.text(max_size=5), st.recursive(
@@ -160,3 +189,4 @@ def test_named_tool_streams_its_head_first():
     assert first[1] == {"index": 0, "function": {"arguments": '{"city": '}}
     r.feed('"Oslo"}')
     assert r.calls[0]["function"]["arguments"] == '{"city": "Oslo"}'
+

@@ -214,7 +214,8 @@ def test_instructor_tools_mode(gw, key, model):
 
 
 class Loose(BaseModel):
-    """What any JSON object validates as: a tiny model cannot be asked to follow a schema given in words."""
+    # What any JSON object validates as: a tiny model cannot be asked to follow a schema given in words.
+    # (Not a docstring: instructor quotes the schema, description and all, in the prompt.)
     model_config = ConfigDict(extra="allow")
 
 

@@ -8,9 +8,17 @@ the grammar of `tool_choice: "required"` (a list of calls, each a name and its s
 arguments) a few lines. Its tokenizer index takes seconds to build for a large vocabulary, so it
 is built once, beside the model's loading (`Grammars`).
 
-JSON is generated compact, with fixed separators (`", "`, `": "`): a small model left free to
-add whitespace may add it forever. For the same reason, an object with declared properties takes
-no undeclared ones unless its schema allows them explicitly (vLLM's default reading, with xgrammar).
+JSON Schema outputs and tool calls are generated compact, with fixed separators (`", "`, `": "`):
+a small model left free to add whitespace may add it forever. For the same reason, an object with
+declared properties takes no undeclared ones unless its schema allows them explicitly (vLLM's
+default reading, with xgrammar).
+
+JSON mode (`json_object`) is the exception: there the model chooses the whole shape, and SmolLM2,
+shown JSON pretty-printed (instructor's prompt quotes its schema with `indent=2`), starts `{` + a
+newline; forced compact it is off its own distribution and wanders, inside a key or a string
+where it may not stop, until max_tokens. So JSON mode takes whitespace between tokens, bounded
+(24 characters a gap: indentation, not an endless run; xgrammar's `any_whitespace`, bounded), and
+numbers of bounded length (a number may otherwise go on forever: `36.000000000000000011111...`).
 """
 from __future__ import annotations
 
@@ -54,6 +62,20 @@ def _json(schema: dict) -> str:
 def _lit(text: str) -> str:
     """A Lark string literal."""
     return json.dumps(text)
+
+
+# `response_format: json_object`: any JSON object; whitespace between tokens up to 24 characters a gap;
+# numbers of at most 20 digits before the point, 20 after it and 3 in the exponent (any 64-bit
+# integer, any double as Python writes it).
+JSON_OBJECT = r"""start: object
+value: object | array | STRING | NUMBER | "true" | "false" | "null"
+object: "{" WS (pair WS ("," WS pair WS)*)? "}"
+pair: STRING WS ":" WS value
+array: "[" WS (value WS ("," WS value WS)*)? "]"
+WS: /[ \t\r\n]{0,24}/
+STRING: /"([^"\\\x00-\x1f]|\\["\\\/bfnrt]|\\u[0-9a-fA-F]{4})*"/
+NUMBER: /-?(0|[1-9][0-9]{0,19})(\.[0-9]{1,20})?([eE][+-]?[0-9]{1,3})?/
+"""
 
 
 def json_grammar(schema: dict) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 from common.asgi import HTTPError
 
 from .causal_lm import Sampling
-from .grammar import GrammarError, check, json_grammar, tool_calls_grammar
+from .grammar import JSON_OBJECT, GrammarError, check, json_grammar, tool_calls_grammar
 
 MAX_N = 16                 # choices per request (they are generated one after another on a CPU)
 MAX_LOGPROBS = 20          # OpenAI's top_logprobs limit, and vLLM's default max_logprobs
@@ -84,9 +84,11 @@ class Plan:
     tools: list[dict] = dc_field(default_factory=list)   # for the chat template
 
 
-def plan(body: dict, op: str, vocab_size: int) -> Plan:
+def plan(body: dict, op: str, vocab_size: int, defaults: dict[str, float] | None = None) -> Plan:
     """Read a chat (op "chat") or completions request; a 400 naming the first parameter that
-    cannot be honoured."""
+    cannot be honoured. `defaults`: the deployment's sampling for parameters the request leaves
+    out (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM's generation config."""
+    d = {k: v for k, v in (defaults or {}).items() if v is not None}
     for name, (harmless, why) in _REFUSED.items():
         v = body.get(name)
         if v not in harmless:
@@ -103,14 +105,15 @@ def plan(body: dict, op: str, vocab_size: int) -> Plan:
         raise bad(f"'{name}' must be a positive integer.", name)
     s = Sampling(
         max_tokens=0,
-        temperature=float(_num(body, "temperature", 1.0, 0, 2)),
-        top_p=float(_num(body, "top_p", 1.0, 0, 1, lo_open=True)),
-        top_k=_num(body, "top_k", 0, -1, vocab_size, integer=True),
-        min_p=float(_num(body, "min_p", 0.0, 0, 1)),
+        temperature=float(_num(body, "temperature", d.get("temperature", 1.0), 0, 2)),
+        top_p=float(_num(body, "top_p", d.get("top_p", 1.0), 0, 1, lo_open=True)),
+        top_k=_num(body, "top_k", d.get("top_k", 0), -1, vocab_size, integer=True),
+        min_p=float(_num(body, "min_p", d.get("min_p", 0.0), 0, 1)),
         seed=_num(body, "seed", None, -(2 ** 63), 2 ** 64 - 1, integer=True),
         presence_penalty=float(_num(body, "presence_penalty", 0.0, -2, 2)),
         frequency_penalty=float(_num(body, "frequency_penalty", 0.0, -2, 2)),
-        repetition_penalty=float(_num(body, "repetition_penalty", 1.0, 0, 2, lo_open=True)),
+        repetition_penalty=float(_num(body, "repetition_penalty", d.get("repetition_penalty", 1.0), 0, 2,
+                                      lo_open=True)),
         logit_bias=_logit_bias(body.get("logit_bias"), vocab_size),
         logprobs=_logprobs(body, op))
     if s.top_k < 0:
@@ -174,7 +177,7 @@ def _output(body: dict, op: str, p: Plan) -> None:
     if rf is not None:
         kind = rf.get("type") if isinstance(rf, dict) else None
         if kind == "json_object":
-            p.grammar = json_grammar({"type": "object"})
+            p.grammar = JSON_OBJECT
         elif kind == "json_schema":
             js = rf.get("json_schema")
             schema = js.get("schema") if isinstance(js, dict) else None

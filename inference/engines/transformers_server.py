@@ -229,7 +229,7 @@ class TransformersEngine:
         self.stats["queued"] = max(0, self.admitted - 1)
 
     async def complete(self, op: str, body: dict):
-        p = plan(body, op, self.lm.vocab_size)
+        p = plan(body, op, self.lm.vocab_size, self.conf.generation_config.model_dump())
         prompts = [self.chat_ids(body, p.tools)] if op == "chat" else self.prompts(body)
         what = "messages" if op == "chat" else "prompt"
         choices = []
