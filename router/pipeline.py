@@ -101,7 +101,26 @@ def parse_object(raw: bytes) -> dict:
     model = body.get("model")
     if not model or type(model) is not str:
         raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    v = body.get("stream")
+    if v is not None and type(v) is not bool:
+        raise HTTPError(400, f"Invalid type for 'stream': expected a boolean (true or false), got {_kind(v)}.",
+                        param="stream", code="invalid_type")
+    for f in ("stop", "stop_sequences"):      # (OpenAI's, Anthropic's)
+        v = body.get(f)
+        if v is not None and type(v) is not str and (type(v) is not list or any(type(x) is not str for x in v)):
+            raise HTTPError(400, f"Invalid type for '{f}': expected a string or a list of strings, got "
+                                 f"{_kind(v)}.", param=f, code="invalid_type")
     return body
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), "null") if type(v) is not list or all(type(x) is str for x in v) \
+        else "a list with a non-string item"
+
+
+TOO_DEEP = ("Request JSON is nested too deeply (the gateway relays at most 254 levels of arrays and "
+            "objects).")
 
 
 class Call:
@@ -279,10 +298,13 @@ class Pipeline:
                     prepare = ad.__dict__.get("prepare")
                     if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
                         await prepare(ep)
-                    if call.inbound is None:
-                        ureq = ad.build(ep, route, call.op, body, call.stream)
-                    else:
-                        ureq = call.inbound.build(ad, ep, route, call.stream)
+                    try:
+                        if call.inbound is None:
+                            ureq = ad.build(ep, route, call.op, body, call.stream)
+                        else:
+                            ureq = call.inbound.build(ad, ep, route, call.stream)
+                    except (orjson.JSONEncodeError, RecursionError):   # orjson reads 1,024 levels, writes 254
+                        raise HTTPError(400, TOO_DEEP, code="invalid_json") from None
                     resp = await self._send(ep, route, ureq)
                 except _EngineGone:
                     release()
