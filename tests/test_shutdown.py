@@ -10,11 +10,25 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from router.store import open_store
+from tests.helpers.servers import AiohttpServer
+from tests.mocks.openai_mock import MockOpenAI
 from tests.test_ledger_durability import CHAT, new_key, start
 
 N = 6
+
+
+@pytest.fixture
+def hung_mock():
+    """A mock of its own whose streams hang after the first chunk (its hung handlers end with it, and
+    never count as active requests in the session's mock)."""
+    mock = MockOpenAI()
+    mock.chunk_delay = 100
+    with AiohttpServer(mock.app) as srv:
+        mock.url = srv.url
+        yield mock
 
 
 def rows(db: str) -> list[dict]:
@@ -45,10 +59,9 @@ def stuck_streams(url: str, key: str, got: list) -> list[threading.Thread]:
     return ts
 
 
-def test_sigterm_cuts_stuck_streams_at_the_deadline_and_accounts_them(tmp_path, fresh_mock):
+def test_sigterm_cuts_stuck_streams_at_the_deadline_and_accounts_them(tmp_path, hung_mock):
     db = f"sqlite:///{tmp_path / 's.db'}"
-    fresh_mock.chunk_delay = 100            # after the first chunk the upstream hangs
-    proc, url = start(tmp_path, fresh_mock, db, {"CBORG_SHUTDOWN_TIMEOUT_S": "2"})
+    proc, url = start(tmp_path, hung_mock, db, {"CBORG_SHUTDOWN_TIMEOUT_S": "2"})
     key = new_key(url)
     got: list = []
     ts = stuck_streams(url, key, got)
@@ -69,12 +82,11 @@ def test_sigterm_cuts_stuck_streams_at_the_deadline_and_accounts_them(tmp_path, 
     assert all(r["completion_tokens"] >= 1 and r["estimated"] and r["cost"] > 0 for r in out), out
 
 
-def test_sigkill_in_flight_requests_have_no_row(tmp_path, fresh_mock):
+def test_sigkill_in_flight_requests_have_no_row(tmp_path, hung_mock):
     """What the README says: a SIGKILL loses the rows of requests in flight, and of those that ended
     in the last flush interval (0.5 s)."""
     db = f"sqlite:///{tmp_path / 'k.db'}"
-    fresh_mock.chunk_delay = 100
-    proc, url = start(tmp_path, fresh_mock, db)
+    proc, url = start(tmp_path, hung_mock, db)
     key = new_key(url)
     r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=CHAT)
     assert r.status_code == 200
