@@ -108,12 +108,24 @@ def parse_object(raw: bytes) -> dict:
     if v is not None and type(v) is not bool:
         raise HTTPError(400, f"Invalid type for 'stream': expected a boolean (true or false), got {_kind(v)}.",
                         param="stream", code="invalid_type")
-    for f in ("stop", "stop_sequences"):      # (OpenAI's, Anthropic's)
-        v = body.get(f)
-        if v is not None and type(v) is not str and (type(v) is not list or any(type(x) is not str for x in v)):
-            raise HTTPError(400, f"Invalid type for '{f}': expected a string or a list of strings, got "
-                                 f"{_kind(v)}.", param=f, code="invalid_type")
+    v = body.get("stop")
+    if v is not None and type(v) is not str:
+        _check_stop("stop", v)
+    v = body.get("stop_sequences")            # (Anthropic's)
+    if v is not None:
+        _check_stop("stop_sequences", v)
     return body
+
+
+def _check_stop(field: str, v) -> None:
+    if type(v) is list:
+        for x in v:
+            if type(x) is not str:
+                break
+        else:
+            return
+    raise HTTPError(400, f"Invalid type for '{field}': expected a string or a list of strings, got {_kind(v)}.",
+                    param=field, code="invalid_type")
 
 
 def _kind(v) -> str:
