@@ -10,6 +10,8 @@ descriptor) for ever. `GuardedHttp` (uvicorn's httptools protocol) adds, from th
   often; else the connection is closed (the handler sees the client gone).
 - CBORG_MAX_CONNECTIONS (default: 90 % of the open-file limit, at most 10,000): connections beyond
   it get a 503 and are closed at once, so that slow clients cannot take /health down with the rest.
+- CBORG_SHUTDOWN_TIMEOUT_S (default 30): on SIGTERM, requests still running after this long (a
+  stream stuck on a hung upstream) are cancelled; the gateway accounts what they delivered.
 
 The timers are armed only while a request is incomplete after a read, so the usual request, which
 arrives whole in one read, costs nothing more.
@@ -149,7 +151,8 @@ class GuardedHttp(HttpToolsProtocol):
 def server_options(**kw) -> dict:
     """uvicorn.run's keyword arguments shared by the gateway, the node and the engines (callers add
     host, port, log level and their own): uvloop, the guarded httptools protocol, keep-alive 75 s
-    (longer than the usual load balancer's idle timeout), a deep accept backlog."""
+    (longer than the usual load balancer's idle timeout), a deep accept backlog, the shutdown deadline."""
     _limits()   # a bad setting stops the process at start, with the variable named
     return {"loop": "uvloop", "http": "common.server:GuardedHttp", "lifespan": "on", "access_log": False,
-            "log_config": None, "timeout_keep_alive": 75, "backlog": 4096, **kw}
+            "log_config": None, "timeout_keep_alive": 75, "backlog": 4096,
+            "timeout_graceful_shutdown": _env_float("CBORG_SHUTDOWN_TIMEOUT_S", 30.0), **kw}

@@ -117,6 +117,12 @@ class Gateway:
         for hook in self.before_stop:
             await hook()
         await self.nodes.stop()
+        # Requests uvicorn cancelled at its shutdown deadline end (and are accounted) on the next
+        # turns of the loop: their rows must be queued before the ledger's last flush.
+        for _ in range(40):
+            if not self.metrics.in_flight:
+                break
+            await asyncio.sleep(0.05)
         await self.ledger.stop()      # flush every queued row before the store closes
         await self.responses.stop()   # and every stored response not yet written
         await self.limiter.stop()

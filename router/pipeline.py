@@ -41,6 +41,9 @@ _KIND = {"chat": "a chat", "embedding": "an embedding"}
 _RETRY_STATUS = frozenset((408, 409, 425, 429, 500, 502, 503, 504, 529))
 _RA_HOLD = 4          # an upstream's retry-after up to 4 x max_backoff is waited out here; longer goes to the client
 _NODE_REPICKS = 3      # replicas of a local model tried when engines are found gone
+MAX_HOPS = 4           # gateways a request may pass through (x-cborg-hops): a chain longer than this is a loop
+_HOP_PROTOCOLS = frozenset(("openai", "anthropic"))   # the upstream APIs another CBorg gateway can be behind
+_HOPS = [(b"x-cborg-hops", b"%d" % n) for n in range(MAX_HOPS + 1)]
 
 
 class _EngineGone(Exception):
@@ -94,7 +97,38 @@ def parse_object(raw: bytes) -> dict:
     model = body.get("model")
     if not model or type(model) is not str:
         raise HTTPError(400, "Missing required parameter: 'model'.", param="model", code="missing_required_parameter")
+    v = body.get("stream")
+    if v is not None and type(v) is not bool:
+        raise HTTPError(400, f"Invalid type for 'stream': expected a boolean (true or false), got {_kind(v)}.",
+                        param="stream", code="invalid_type")
+    v = body.get("stop")
+    if v is not None and type(v) is not str:
+        _check_stop("stop", v)
+    v = body.get("stop_sequences")            # (Anthropic's)
+    if v is not None:
+        _check_stop("stop_sequences", v)
     return body
+
+
+def _check_stop(field: str, v) -> None:
+    if type(v) is list:
+        for x in v:
+            if type(x) is not str:
+                break
+        else:
+            return
+    raise HTTPError(400, f"Invalid type for '{field}': expected a string or a list of strings, got {_kind(v)}.",
+                    param=field, code="invalid_type")
+
+
+def _kind(v) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(v), "null") if type(v) is not list or all(type(x) is str for x in v) \
+        else "a list with a non-string item"
+
+
+TOO_DEEP = ("Request JSON is nested too deeply (the gateway relays at most 254 levels of arrays and "
+            "objects).")
 
 
 class Call:
@@ -102,7 +136,7 @@ class Call:
 
     __slots__ = ("gw", "id", "key", "route", "served", "op", "t0", "ttft", "status", "usage", "cost",
                  "stream", "include_usage", "admission", "done", "error", "prompt_estimate", "chunks", "limit",
-                 "inbound", "endpoint", "reserve")
+                 "inbound", "endpoint", "reserve", "hops")
 
     def __init__(self, gw: "Gateway", key: "KeyRecord", route: Route, op: str, stream: bool,
                  inbound: "Inbound | None" = None):
@@ -124,6 +158,7 @@ class Call:
         self.error: str | None = None
         self.prompt_estimate = 0
         self.reserve = 0.0                 # the worst-case cost held against budgets while it runs
+        self.hops = 0                      # gateways this request came through (x-cborg-hops)
         self.chunks = 0
         self.limit: str | None = None      # the limit that refused it, if one did
         self.inbound = inbound             # a request in another API's shape (router/agents.py), or None
@@ -169,6 +204,9 @@ class Pipeline:
             raise
         stream = op != "embeddings" and body.get("stream") is True
         call = Call(gw, key, route, op, stream, inbound)
+        h = req.headers.get(b"x-cborg-hops")
+        if h is not None:
+            call.hops = int(h)            # (checked in _accept)
         if stream:
             so = body.get("stream_options")
             call.include_usage = type(so) is dict and so.get("include_usage") is True
@@ -208,6 +246,11 @@ class Pipeline:
             raise HTTPError(508, "This request came back to the gateway that sent it: a provider's base URL "
                                  "(e.g. OPENAI_BASE_URL) points at this gateway.", code="loop_detected",
                             headers=[upstream_errors.NO_RETRY])
+        h = req.headers.get(b"x-cborg-hops")
+        if h is not None and (not h.isdigit() or int(h) >= MAX_HOPS):
+            raise HTTPError(508, f"This request has passed through {h.decode('latin-1')[:8]} gateways (at most "
+                                 f"{MAX_HOPS - 1} may relay it): gateways whose provider base URLs point at each "
+                                 "other.", code="loop_detected", headers=[upstream_errors.NO_RETRY])
         key = await gw.keys.verify(bearer_token(req.headers))
         raw = await req.body(gw.settings.max_body_bytes)
         body = self._parse(raw, op) if inbound is None else inbound.parse(raw)
@@ -272,10 +315,15 @@ class Pipeline:
                     prepare = ad.__dict__.get("prepare")
                     if prepare is not None:   # e.g. Bedrock: credentials resolved off the event loop
                         await prepare(ep)
-                    if call.inbound is None:
-                        ureq = ad.build(ep, route, call.op, body, call.stream)
-                    else:
-                        ureq = call.inbound.build(ad, ep, route, call.stream)
+                    try:
+                        if call.inbound is None:
+                            ureq = ad.build(ep, route, call.op, body, call.stream)
+                        else:
+                            ureq = call.inbound.build(ad, ep, route, call.stream)
+                    except (orjson.JSONEncodeError, RecursionError):   # orjson reads 1,024 levels, writes 254
+                        raise HTTPError(400, TOO_DEEP, code="invalid_json") from None
+                    if route.provider.protocol in _HOP_PROTOCOLS:   # (another gateway may be behind it)
+                        ureq.headers = [*ureq.headers, _HOPS[call.hops + 1]]
                     resp = await self._send(ep, route, ureq)
                 except _EngineGone:
                     release()

@@ -5,7 +5,8 @@ the batch is large) in one transaction: the rows, plus each key's and user's spe
 same flush hands the request log lines (JSON, made per request) to the `cborg.request` logger as one
 record, so per-request logging costs one handler call per batch and the lines go where logging goes:
 stderr in production (common/logs.py writes them as they are), pytest's captured logs in tests.
-On graceful shutdown `stop` flushes everything; after SIGKILL at most `interval` of rows is lost.
+On graceful shutdown `stop` flushes everything; after SIGKILL the rows of requests still in flight
+(a row is added when a request ends) and at most `interval` of ended ones are lost.
 If the database is unreachable, rows stay queued and the next flush retries; a row the database
 refuses on its own (a value out of its column's range) is quarantined: logged whole and counted.
 """

@@ -45,12 +45,15 @@ def valid_usage(usage: dict, upstream: str) -> dict:
     `completion_tokens_details` always dicts, `cached_tokens` at most `prompt_tokens`."""
     u = usage
     for f in _COUNTS:
-        if f in u:
-            u[f] = _count(u[f], f, upstream)
-    p = u["prompt_tokens"] = u.get("prompt_tokens", 0)
-    c = u["completion_tokens"] = u.get("completion_tokens", 0)
-    if "total_tokens" not in u or u["total_tokens"] < p + c:
-        u["total_tokens"] = min(p + c, 2 * MAX_TOKENS)
+        v = u.get(f)
+        if type(v) is not int or not 0 <= v <= MAX_TOKENS:
+            if f in u:
+                u[f] = _count(v, f, upstream)
+    p = u.setdefault("prompt_tokens", 0)
+    c = u.setdefault("completion_tokens", 0)
+    t = u.get("total_tokens")
+    if t is None or t < p + c:
+        u["total_tokens"] = p + c
     for name in ("prompt_tokens_details", "completion_tokens_details"):
         d = u.get(name)
         if d is None:

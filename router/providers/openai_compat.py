@@ -15,7 +15,7 @@ import orjson
 
 from ..catalog import Route
 from ..sse import SSESplitter, parse_event
-from .base import Endpoint, SSETranslator, UpstreamRequest, error_text, normalize_usage, scrub
+from .base import Endpoint, SSETranslator, UpstreamRequest, bad_request, error_text, normalize_usage, scrub
 from .token_arrays import decode, is_token_input
 
 PATHS = {"chat": "/chat/completions", "completions": "/completions", "embeddings": "/embeddings"}
@@ -37,6 +37,22 @@ def _strip_cache_control(body: dict) -> None:
                     for part in content:
                         if type(part) is dict:
                             part.pop("cache_control", None)
+
+
+def _inline_images_only(body: dict) -> None:
+    """Images for the lab's own engines come inline: an engine (vLLM) would fetch an http(s) URL
+    from inside the lab, for whoever sent it (as Gemini and Bedrock, which take no URL either)."""
+    msgs = body.get("messages")
+    for i, m in enumerate(msgs if type(msgs) is list else ()):
+        content = m.get("content") if type(m) is dict else None
+        for j, part in enumerate(content if type(content) is list else ()):
+            if type(part) is dict and part.get("type") == "image_url":
+                iu = part.get("image_url")
+                url = iu.get("url") if type(iu) is dict else iu
+                if type(url) is not str or not url.startswith("data:"):
+                    raise bad_request(f"messages[{i}].content[{j}]: local models take images inline: send "
+                                      "image_url.url as a data: URL (data:image/png;base64,...); the lab's "
+                                      "engines do not fetch URLs.", f"messages[{i}].content[{j}]")
 
 
 def _for_openai_model(route: Route, body: dict) -> None:
@@ -64,6 +80,8 @@ def build_body(route: Route, op: str, body: dict, stream: bool) -> dict:
     if op == "chat":
         _strip_cache_control(body)
         _for_openai_model(route, body)
+        if route.provider.local and route.model.supports_vision:
+            _inline_images_only(body)
     elif op == "embeddings" and not route.provider.takes_token_ids and is_token_input(body.get("input")):
         body["input"] = decode(body["input"])
     if stream:
