@@ -57,7 +57,7 @@ def test_continue_and_read_before_the_write_then_shutdown_writes(tmp_path, mocks
             await store.close()
     recs = asyncio.run(read())
     assert [r is not None for r in recs] == [True] * 6 + [False]
-    assert recs[0].data["response"]["output"][0]["content"][0]["text"] == first.output_text
+    assert recs[0].content()["response"]["output"][0]["content"][0]["text"] == first.output_text
     assert recs[1].native and recs[1].key_id == recs[0].key_id
 
 
@@ -93,7 +93,7 @@ class _FlakyStore(SQLiteStore):
 
 
 def _rec(rid: str) -> ResponseRecord:
-    return ResponseRecord(rid, "key-1", "anthropic/claude-sonnet", False, {"response": {"id": rid}, "input": []})
+    return ResponseRecord(rid, "key-1", "anthropic/claude-sonnet", False, b'{"response":{"id":"%s"},"input":[]}' % rid.encode())
 
 
 def test_failed_write_is_retried_and_a_delete_waits_for_a_write_in_progress(tmp_path):
