@@ -141,6 +141,7 @@ class ResponsesCall(Inbound):
         self.history: list[dict] = []     # the input and output of the previous response, if one is named
         self.prev_native = False          # the previous response is stored by the upstream
         self.final: dict | None = None    # the translated Response, to store
+        self.final_json = b""             # ... as the client got it
         self.native_id: str | None = None
 
     def parse(self, raw: bytes) -> dict:
@@ -156,7 +157,8 @@ class ResponsesCall(Inbound):
             if rec.native:
                 self.prev_native = True
             else:
-                self.history = [*rec.data["input"], *rec.data["response"]["output"]]
+                data = rec.content()
+                self.history = [*data["input"], *data["response"]["output"]]
 
     def native(self, route: Route) -> bool:
         return route.provider.native_responses
@@ -191,7 +193,8 @@ class ResponsesCall(Inbound):
             return data, ro.usage_in(obj.get("usage"))
         chat = ad.parse(route, "chat", data)
         self.final = ro.from_chat(chat, self.body, self.rid)
-        return orjson.dumps(self.final), chat.get("usage")
+        self.final_json = orjson.dumps(self.final)
+        return self.final_json, chat.get("usage")
 
     def stream(self, ad, route: Route, estimate: int):
         if self.native(route):
@@ -211,7 +214,9 @@ class ResponsesCall(Inbound):
             if final is not None and final["status"] != "failed":
                 items = [*self.history, *({"id": ro.new_id("msg"), **x} if "id" not in x else x
                                           for x in ro.input_items(self.body))]
-                rec = ResponseRecord(final["id"], self.key.id, route.name, False, {"response": final, "input": items})
+                data = b'{"response":' + (orjson.dumps(final) if tr is not None else self.final_json) + \
+                    b',"input":' + orjson.dumps(items) + b"}"
+                rec = ResponseRecord(final["id"], self.key.id, route.name, False, data)
         if rec is not None:
             self.gw.responses.put(rec)
 

@@ -48,7 +48,8 @@ ANTHROPIC_RESPONSE = ('{"id":"msg_bench","type":"message","role":"assistant","mo
                       '"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":12,'
                       '"output_tokens":9,"cache_read_input_tokens":0,"cache_creation_input_tokens":0}}')
 
-RESPONSES_RESPONSE = ('{"id":"resp_bench","object":"response","created_at":1700000000,"status":"completed",'
+# (nginx puts a new id in each: the gateway keeps the owner of every OpenAI response id it passes on)
+RESPONSES_RESPONSE = ('{"id":"resp_$request_id","object":"response","created_at":1700000000,"status":"completed",'
                       '"model":"gpt-4o-2024-08-06","output":[{"type":"message","id":"msg_bench","status":"completed",'
                       '"role":"assistant","content":[{"type":"output_text","text":"Hello! How can I help you today?",'
                       '"annotations":[]}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},'

@@ -155,10 +155,11 @@ async def _stored_response(gw: "Gateway", req: Request) -> Response:
     if req.method == "DELETE":
         await gw.responses.delete(rid)
         return json_response({"id": rid, "object": "response", "deleted": True})
+    data = rec.content()
     if sub == "input_items":
-        items = list(rec.data["input"])
+        items = data["input"]
         if req.query.get("order") != "asc":
             items.reverse()          # newest first, as the API lists them by default
         return json_response({"object": "list", "data": items, "first_id": items[0].get("id") if items else None,
                               "last_id": items[-1].get("id") if items else None, "has_more": False})
-    return json_response(rec.data["response"])
+    return json_response(data["response"])

@@ -68,13 +68,21 @@ class UserRecord:
 class ResponseRecord:
     """A Responses API answer kept for `previous_response_id` and GET/DELETE /v1/responses/{id}: readable only
     by the key that made it. `native`: OpenAI stores the response itself (only its owner is kept here);
-    otherwise `data` holds {"response": the Response, "input": every input item it answered}."""
+    otherwise `data` is the JSON of {"response": the Response, "input": every input item it answered}, kept
+    as text (made from the bytes the client was sent; one object, where the parsed form is dozens for the
+    garbage collector to walk while it waits to be written) and parsed by `content` when read."""
     id: str
     key_id: str
     model: str
     native: bool
-    data: dict[str, Any] = field(default_factory=dict)
+    data: bytes | str = b"{}"
     created_at: float = field(default_factory=time.time)
+
+    def content(self) -> dict[str, Any]:
+        return orjson.loads(self.data)
+
+    def text(self) -> str:
+        return self.data if type(self.data) is str else self.data.decode()
 
 
 @dataclass(slots=True)

@@ -317,12 +317,11 @@ class PostgresStore:
         await self.pool.executemany(
             "INSERT INTO responses (id, key_id, created_at, model, native, data) VALUES ($1, $2, $3, $4, $5, $6) "
             "ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data",
-            [(r.id, r.key_id, r.created_at, r.model, r.native, orjson.dumps(r.data).decode()) for r in recs])
+            [(r.id, r.key_id, r.created_at, r.model, r.native, r.text()) for r in recs])
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         r = await self.pool.fetchrow("SELECT * FROM responses WHERE id = $1", response_id)
-        return ResponseRecord(r["id"], r["key_id"], r["model"], r["native"], orjson.loads(r["data"]),
-                              r["created_at"]) if r else None
+        return ResponseRecord(r["id"], r["key_id"], r["model"], r["native"], r["data"], r["created_at"]) if r else None
 
     async def delete_response(self, response_id: str) -> bool:
         return await self.pool.execute("DELETE FROM responses WHERE id = $1", response_id) != "DELETE 0"

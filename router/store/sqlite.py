@@ -390,8 +390,7 @@ class SQLiteStore:
     # -- stored responses (Responses API)
     async def put_responses(self, recs: list[ResponseRecord]) -> None:
         def tx(db: sqlite3.Connection) -> None:
-            rows = [(r.id, r.key_id, r.created_at, r.model, 1 if r.native else 0, orjson.dumps(r.data).decode())
-                    for r in recs]
+            rows = [(r.id, r.key_id, r.created_at, r.model, 1 if r.native else 0, r.text()) for r in recs]
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany("INSERT OR REPLACE INTO responses (id, key_id, created_at, model, native, data) "
@@ -404,7 +403,7 @@ class SQLiteStore:
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         r = await self._run(lambda db: db.execute("SELECT * FROM responses WHERE id = ?", (response_id,)).fetchone())
-        return ResponseRecord(r["id"], r["key_id"], r["model"], bool(r["native"]), orjson.loads(r["data"]),
+        return ResponseRecord(r["id"], r["key_id"], r["model"], bool(r["native"]), r["data"],
                               r["created_at"]) if r else None
 
     async def delete_response(self, response_id: str) -> bool:

@@ -57,8 +57,23 @@ def test_continue_and_read_before_the_write_then_shutdown_writes(tmp_path, mocks
             await store.close()
     recs = asyncio.run(read())
     assert [r is not None for r in recs] == [True] * 6 + [False]
-    assert recs[0].data["response"]["output"][0]["content"][0]["text"] == first.output_text
+    assert recs[0].content()["response"]["output"][0]["content"][0]["text"] == first.output_text
     assert recs[1].native and recs[1].key_id == recs[0].key_id
+
+
+def test_a_streamed_response_is_kept_before_its_last_event(tmp_path, mocks):
+    mocks.reset()
+    with running_gateway(tmp_path, mocks.openai, edit=fast_retries, env=mocks.env()) as g:
+        _hold_writes(g.gw)
+        client = openai.OpenAI(api_key=g.new_key(), base_url=g.url, max_retries=0)
+        with client.responses.create(model="anthropic/claude-sonnet", input="My name is Ada.", stream=True) as s:
+            for ev in s:
+                if ev.type == "response.completed":   # continued before the stream has even closed
+                    nxt = client.responses.create(model="google/gemini-flash", input="Name?",
+                                                  previous_response_id=ev.response.id)
+        assert nxt.status == "completed" and g.run(g.gw.store.get_response(ev.response.id)) is None
+        sent = mocks.gemini.requests[-1]["json"]["contents"]
+        assert any("My name is Ada." in p.get("text", "") for c in sent for p in c["parts"])
 
 
 def test_a_replica_sharing_the_database_finds_it_once_written(tmp_path, mocks):
@@ -93,7 +108,7 @@ class _FlakyStore(SQLiteStore):
 
 
 def _rec(rid: str) -> ResponseRecord:
-    return ResponseRecord(rid, "key-1", "anthropic/claude-sonnet", False, {"response": {"id": rid}, "input": []})
+    return ResponseRecord(rid, "key-1", "anthropic/claude-sonnet", False, b'{"response":{"id":"%s"},"input":[]}' % rid.encode())
 
 
 def test_failed_write_is_retried_and_a_delete_waits_for_a_write_in_progress(tmp_path):
