@@ -19,26 +19,25 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from common.tasks import stop_task
+from common.tasks import BatchWriter
 
 from .store.base import ResponseRecord
 
 log = logging.getLogger("cborg.responses")
 
 
-class StoredResponses:
+class StoredResponses(BatchWriter):
+    name = "responses-writer"
+
     def __init__(self, store, interval: float = 0.1, max_batch: int = 500, max_pending: int = 100_000,
                  miss_wait: float | None = None):
+        super().__init__(interval)
         self.store = store
-        self.interval = interval
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.miss_wait = 3 * interval if miss_wait is None else miss_wait
         self._pending: dict[str, ResponseRecord] = {}
         self._writing: dict[str, ResponseRecord] = {}    # the batch being written (readable meanwhile)
-        self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._task: asyncio.Task | None = None
         self.written = 0
         self.dropped = 0
 
@@ -68,29 +67,8 @@ class StoredResponses:
     def pending(self) -> int:
         return len(self._pending) + len(self._writing)
 
-    # -- background ---------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="responses-writer")
-
-    async def stop(self) -> None:
-        async with self._lock:     # never cancel the writer inside a write: its batch would be lost
-            await stop_task(self._task)
-        for _ in range(5):         # everything pending goes out before the store closes
-            await self.flush()
-            if not self._pending:
-                break
-            await asyncio.sleep(0.5)
-        if self._pending:
-            log.error("stored responses: %d could not be written at shutdown", len(self._pending))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
+    def backlog(self) -> int:
+        return len(self._pending)
 
     async def flush(self) -> None:
         """Write what is pending now (one transaction)."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import orjson
 
 from common.logs import PREFORMATTED
-from common.tasks import stop_task
+from common.tasks import BatchWriter
 
 log = logging.getLogger("cborg.ledger")
 reqlog = logging.getLogger("cborg.request")
@@ -77,20 +77,19 @@ def daily_totals(rows: list[tuple]) -> list[tuple]:
     return [(*k, *v) for k, v in sorted(acc.items())]
 
 
-class Ledger:
+class Ledger(BatchWriter):
+    name = "ledger-writer"
+
     def __init__(self, store, interval: float = 0.5, max_batch: int = 2000, log_requests: bool = True,
                  max_queue: int = 2_000_000):
+        super().__init__(interval)
         self.store = store
-        self.interval = interval
         self.max_batch = max_batch
         self.log_requests = log_requests
         self.max_queue = max_queue
         self._rows: list[tuple] = []
         self._periods: dict[str, tuple] = {}
         self._logs: list[bytes] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._lock = asyncio.Lock()
         self.written = 0
         self.dropped = 0
         self.quarantined = 0
@@ -112,29 +111,8 @@ class Ledger:
     def pending(self) -> int:
         return len(self._rows)
 
-    # -- background ------------------------------------------------------------------------------
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
-
-    async def stop(self) -> None:
-        async with self._lock:   # never cancel the writer inside a flush: its rows would be lost
-            await stop_task(self._task)
-        for _ in range(5):   # everything queued goes out before the store closes
-            await self.flush()
-            if not self._rows:
-                break
-            await asyncio.sleep(0.5)
-        if self._rows:
-            log.error("ledger: %d rows could not be written at shutdown", len(self._rows))
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
+    def backlog(self) -> int:
+        return len(self._rows)
 
     async def flush(self) -> None:
         async with self._lock:
