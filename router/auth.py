@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from common.asgi import HTTPError
 from common.tasks import stop_task
+from common.bounded import BoundedDict
 
 from .store.base import KeyRecord, Store, UserRecord
 
@@ -115,7 +116,7 @@ class KeyCache:
         self.negative_ttl_s = negative_ttl_s
         self.by_hash: dict[str, KeyRecord] = {}
         self.users: dict[str, UserRecord] = {}      # users with limits of their own (the policy reads them)
-        self._negative: dict[str, float] = {}
+        self._negative: dict[str, float] = BoundedDict(100_000)
         self._since = 0.0
         self._task: asyncio.Task | None = None
 
@@ -168,8 +169,6 @@ class KeyCache:
                 if rec is not None:
                     self.put(rec)
                 else:
-                    if len(self._negative) > 100_000:
-                        self._negative.clear()
                     self._negative[h] = now + self.negative_ttl_s
             if rec is None:
                 raise HTTPError(401, "Invalid API key. Check the key, or ask for a new one.",

@@ -14,6 +14,7 @@ import math
 import time
 
 from common.asgi import HTTPError
+from common.bounded import BoundedDict
 
 from .policy import Check
 
@@ -66,15 +67,13 @@ def reject(check: Check, limit: str, value: float, used: float, reset_in: float 
 
 _RESET_REQ = (b"x-ratelimit-reset-requests", b"1m0s")
 _RESET_TOK = (b"x-ratelimit-reset-tokens", b"1m0s")
-_LIMIT_HEADERS: dict[tuple[bytes, int], tuple[bytes, bytes]] = {}
+_LIMIT_HEADERS: dict[tuple[bytes, int], tuple[bytes, bytes]] = BoundedDict(10_000)
 
 
 def limit_header(name: bytes, value: int) -> tuple[bytes, bytes]:
     """An x-ratelimit-limit-* header, made once per value (a limiter holds them per check)."""
     h = _LIMIT_HEADERS.get((name, value))
     if h is None:
-        if len(_LIMIT_HEADERS) > 10_000:
-            _LIMIT_HEADERS.clear()
         h = _LIMIT_HEADERS[(name, value)] = (name, b"%d" % value)
     return h
 

@@ -13,6 +13,8 @@ import collections
 import time
 from typing import Callable
 
+from common.bounded import BoundedDict
+
 from . import fit_estimate, limit_header, over_budget, ratelimit_headers, reject
 from .budget import roll
 from .policy import Check, Policy
@@ -180,7 +182,7 @@ class MemoryLimiter:
         self.store = store
         self.clock = clock
         self.scopes: dict[str, _Scope] = {}
-        self._plans: dict[tuple[int, int], _Plan] = {}
+        self._plans: dict[tuple[int, int], _Plan] = BoundedDict(50_000)
 
     async def start(self) -> None:
         return None
@@ -199,8 +201,6 @@ class MemoryLimiter:
         # plan holds its key and route, so a hit on their ids is that key and route.
         p = self._plans.get((id(key), id(route)))
         if p is None or p.version != key.updated_at:
-            if len(self._plans) > 50_000:
-                self._plans.clear()
             p = self._plans[(id(key), id(route))] = _Plan(key, route, self.policy.checks(key, route),
                                                           self._scope, self.clock)
         return p

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.bounded import BoundedDict
+
 from ..catalog import LimitsConf, LimitSet, Route
 from ..store.base import KeyRecord, UserRecord
 from ..durations import parse_duration
@@ -40,9 +42,9 @@ class Policy:
     def __init__(self, conf: LimitsConf, users: dict[str, UserRecord] | None = None):
         self.conf = conf
         self.users = users if users is not None else {}    # user id -> record with limits set (the key cache's)
-        self._cache: dict[tuple, tuple[Check, ...]] = {}
+        self._cache: dict[tuple, tuple[Check, ...]] = BoundedDict(50_000)
         self._groups: dict[str, list[tuple[str, LimitSet]]] = {}
-        self._periods: dict[tuple, tuple] = {}
+        self._periods: dict[tuple, tuple] = BoundedDict(50_000)
 
     def _model_groups(self, route: Route) -> list[tuple[str, LimitSet]]:
         g = self._groups.get(route.name)
@@ -76,8 +78,6 @@ class Policy:
             out.append(Check(f"m:{key.user_id}|{pattern}", f"user {key.user_id} on {pattern}", "model",
                              ls.parallel, ls.rpm, ls.tpm, None, None))
         checks = tuple(x for x in out if not x.empty)
-        if len(self._cache) > 50_000:
-            self._cache.clear()
         self._cache[ck] = checks
         return checks
 
@@ -99,8 +99,6 @@ class Policy:
         ck = (key.id, key.updated_at)
         got = self._periods.get(ck)
         if got is None:
-            if len(self._periods) > 50_000:
-                self._periods.clear()
             got = self._periods[ck] = (parse_duration(_pick(key.budget_period, self.conf.key.budget_period)),
                                        self.user_check(key.user_id).period_s)
         return got

@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 from common.tasks import stop_task
+from common.bounded import BoundedDict
 
 from . import OPEN, fit_estimate, limit_header, ratelimit_headers, reject, tokens_used
 from .budget import roll
@@ -279,8 +280,8 @@ class RedisLimiter:
         self.reconcile_s = reconcile_s
         self.budget_scopes: dict[str, float | None] = {}   # budget scope -> period (s): reconciled
         self._reconciler: asyncio.Task | None = None
-        self._keys_cache: dict[str, tuple] = {}
-        self._cmds: dict[int, tuple[tuple, Commands]] = {}
+        self._keys_cache: dict[str, tuple] = BoundedDict(100_000)
+        self._cmds: dict[int, tuple[tuple, Commands]] = BoundedDict(50_000)
         self._last_err = 0.0
 
     async def _load_scripts(self) -> None:
@@ -315,8 +316,6 @@ class RedisLimiter:
         if k is None:
             p = self.prefix + scope
             k = self._keys_cache[scope] = (p + ":par", p + ":req", p + ":tok", p + ":spend", p + ":hold")
-            if len(self._keys_cache) > 100_000:
-                self._keys_cache.clear()
         return k
 
     def _error(self, e: Exception) -> None:
@@ -338,8 +337,6 @@ class RedisLimiter:
         # and hashing a tuple of dataclasses field by field costs more than this lookup's purpose.
         got = self._cmds.get(id(checks))
         if got is None or got[0] is not checks:
-            if len(self._cmds) > 50_000:
-                self._cmds.clear()
             got = self._cmds[id(checks)] = (checks, Commands(self, checks))
             for c in checks:               # the budgets this replica has met: reconcile_once's
                 if c.budget is not None:
