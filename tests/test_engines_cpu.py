@@ -25,8 +25,8 @@ Q, D = "search_query: ", "search_document: "
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    deps = [smollm("llama-t", transformers={"max_queue": 1, "tool_call_parser": "xlam"}),
-            smollm("coder-t", model="lbl/qwen-coder"),          # no tool parser: tool_choice auto is a 400
+    deps = [smollm("llama-t", transformers={"max_queue": 1}),
+            smollm("coder-t", model="lbl/qwen-coder", transformers={"tool_call_parser": None}),   # auto: a 400
             minilm("embed-t", embeddings={"query_prefix": Q, "document_prefix": D, "matryoshka_min_dimensions": 32,
                                           "max_batch": 64, "max_wait_ms": 10})]
     with node_and_gateway(tmp_path_factory.mktemp("engines"), deps,
