@@ -103,8 +103,6 @@ BasicAuth cborg s3cr3t-proxy-pass
 ViaProxyName "tinyproxy"
 LogFile "{log}"
 LogLevel Info
-ConnectPort 443
-ConnectPort 563
 """)
     p = subprocess.Popen([exe, "-d", "-c", str(tmp / "tinyproxy.conf")], stdout=subprocess.DEVNULL,
                          stderr=subprocess.STDOUT)
@@ -187,3 +185,79 @@ def test_refusing_proxy_is_a_clear_502_without_credentials(tmp_path, fresh_mock,
         assert f"proxy http://{where}" in msg, msg
         assert "pass" not in r.text and "cborg:" not in r.text, r.text
     assert "s3cr3t-proxy-pass" not in caplog.text and "wrong-pass-123" not in caplog.text
+
+
+@pytest.fixture(scope="module")
+def tls_upstream(tmp_path_factory):
+    """An OpenAI-shaped upstream over TLS on loopback, its self-signed certificate in a PEM file."""
+    import asyncio
+    import ssl
+    import threading
+
+    from aiohttp import web
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+
+    async def chat(req):
+        await req.read()
+        return web.json_response({"id": "chatcmpl-tls", "object": "chat.completion", "created": 1700000000,
+                                  "model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "message": {
+                                      "role": "assistant", "content": "over TLS"}, "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+    def run():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start())
+        loop.run_forever()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    deadline = time.time() + 10
+    while True:
+        try:
+            httpx.get(f"https://127.0.0.1:{port}/", verify=ssl.create_default_context(cafile=str(cert)), timeout=1)
+            break
+        except httpx.HTTPError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.05)
+    yield f"https://127.0.0.1:{port}", cert
+    loop.call_soon_threadsafe(loop.stop)
+    t.join(5)
+
+
+def test_https_upstream_through_the_proxy_by_connect(tmp_path, mock_openai, tinyproxy, tls_upstream):
+    """The usual case (commercial APIs are https): a CONNECT tunnel through the proxy, TLS to the
+    upstream inside it, verified against SSL_CERT_FILE. A gateway process: the certificate store is
+    read at start-up."""
+    from tests.conftest import MASTER_KEY, admin_new_key, write_catalog
+    from tests.helpers.servers import gateway_proc, wait_http
+    port, log = tinyproxy
+    url, cert = tls_upstream
+    env = {**provider_env(mock_openai), "OPENAI_BASE_URL": url + "/v1", "SSL_CERT_FILE": str(cert),
+           "HTTPS_PROXY": f"http://cborg:s3cr3t-proxy-pass@127.0.0.1:{port}",
+           "CBORG_CONFIG": str(write_catalog(tmp_path / "models.yaml", mock_openai.url)),
+           "CBORG_DATABASE_URL": f"sqlite:///{tmp_path / 'cborg.db'}", "CBORG_MASTER_KEY": MASTER_KEY}
+    gport = free_port()
+    gw = gateway_proc(gport, env, tmp_path / "gw.log")
+    try:
+        base = f"http://127.0.0.1:{gport}"
+        wait_http(base + "/health/readiness", proc=gw.p)
+        client = openai.OpenAI(api_key=admin_new_key(base, user_id="researcher@lbl.gov"), base_url=base + "/v1", max_retries=0)
+        r = client.chat.completions.create(model="openai/gpt-4o", **CHAT)
+        assert r.choices[0].message.content == "over TLS"
+    finally:
+        gw.stop()
+    tunnel = url.split("//")[1]
+    assert f"CONNECT {tunnel}" in log.read_text(), log.read_text()[-2000:]        # through the tunnel
+    assert "s3cr3t-proxy-pass" not in gw.output() and "s3cr3t-proxy-pass" not in log.read_text()
