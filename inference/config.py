@@ -93,6 +93,8 @@ class TransformersConf(_Strict):
     default_max_tokens: int = Field(256, ge=1) # when a request names none
     generation_config: SamplingDefaults = SamplingDefaults()   # e.g. the model card's {temperature: 0.2, top_p: 0.9}
     tool_call_parser: str | None = None        # the model was trained for tools: tool_choice "auto" (vLLM's names)
+    max_queue: int = Field(16, ge=0)           # waiting requests beyond the running one; more -> 503
+    threads: int | None = Field(None, ge=1)    # torch threads (default: torch's)
 
     @field_validator("tool_call_parser")
     @classmethod
@@ -101,8 +103,6 @@ class TransformersConf(_Strict):
         if v is not None and v not in PARSERS:
             raise ValueError(f"unknown tool_call_parser {v!r}: this engine has {', '.join(sorted(PARSERS))}")
         return v
-    max_queue: int = Field(16, ge=0)           # waiting requests beyond the running one; more -> 503
-    threads: int | None = Field(None, ge=1)    # torch threads (default: torch's)
 
 
 class EmbeddingsConf(_Strict):

@@ -38,7 +38,9 @@ def per_token(run, rounds: int) -> float:
     return statistics.median(times)
 
 
-def bench_llguidance(tok, vocab: int, ids: list[int], logits, rounds: int) -> tuple[float, float]:
+def bench_llguidance(tok, vocab: int, ids: list[int], logits, rounds: int,
+                     grammar: str | None = None) -> tuple[float, float]:
+    """grammar: the schema's (default), or another one that `ids` follow."""
     import torch
 
     from inference.engines.grammar import Constraint, json_grammar
@@ -46,7 +48,7 @@ def bench_llguidance(tok, vocab: int, ids: list[int], logits, rounds: int) -> tu
     t = time.perf_counter()
     lt = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
     index = time.perf_counter() - t
-    grammar = json_grammar(SCHEMA)
+    grammar = grammar or json_grammar(SCHEMA)
 
     def run() -> int:
         c = Constraint(lt, grammar, vocab)
@@ -106,7 +108,8 @@ def main() -> None:
 
     from inference.engines.causal_lm import CausalLM
     from inference.weights import prepare
-    lm = CausalLM(prepare(a.weights or cpu_weights()))
+    weights = a.weights or cpu_weights()
+    lm = CausalLM(prepare(weights))
     tok, vocab = lm.tokenizer, lm.vocab_size
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
     logits = torch.zeros(vocab)
@@ -117,7 +120,7 @@ def main() -> None:
             lm.model(input_ids=torch.tensor([[ids[8]]]), use_cache=True, **{lm._cache_kw: past}, **lm._keep)
             return 1
         fwd = per_token(forward, a.rounds * 5)
-    print(f"weights {a.weights}: vocabulary {vocab}, {len(ids)} JSON tokens, median of {a.rounds} rounds")
+    print(f"weights {weights}: vocabulary {vocab}, {len(ids)} JSON tokens, median of {a.rounds} rounds")
     print(f"  forward pass (one token, KV cache):          {fwd * 1000:8.2f} ms/token")
     for name, r in (("llguidance", bench_llguidance(tok, vocab, ids, logits, a.rounds)),
                     ("xgrammar", bench_xgrammar(tok, vocab, ids, logits, a.rounds))):
@@ -127,6 +130,12 @@ def main() -> None:
         index, tok_s = r
         print(f"  {name:11s} index {index:6.2f} s   mask + apply + accept {tok_s * 1000:6.3f} ms/token "
               f"= {tok_s / fwd:6.1%} of a forward pass")
+    # JSON mode (json_object): the engine's own grammar, over the same object pretty-printed
+    from inference.engines.grammar import JSON_OBJECT
+    pretty = tok(json.dumps(json.loads(TEXT), indent=2), add_special_tokens=False)["input_ids"]
+    _, tok_s = bench_llguidance(tok, vocab, pretty, logits, a.rounds, JSON_OBJECT)
+    print(f"  llguidance, JSON mode ({len(pretty)} tokens)   mask + apply + accept {tok_s * 1000:6.3f} ms/token "
+          f"= {tok_s / fwd:6.1%} of a forward pass")
 
 
 if __name__ == "__main__":

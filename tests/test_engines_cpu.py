@@ -455,6 +455,10 @@ def test_tool_choice_auto_reads_the_models_own_calls(client):
     prose = client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=20, temperature=0,
                                            tools=[WEATHER], tool_choice="auto").choices[0]
     assert prose.message.content and not prose.message.tool_calls and prose.finish_reason in ("stop", "length")
+    s = [ch for ch in client.chat.completions.create(model="lbl/llama", messages=MSGS, max_tokens=8, temperature=0,
+                                                     tools=[WEATHER], logprobs=True, stream=True) if ch.choices]
+    toks = [t.token for ch in s if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert len(toks) == 8 and "".join(toks) == "".join(ch.choices[0].delta.content or "" for ch in s)
 
 
 def test_logprobs_n_and_logit_bias(client, tokenizer):

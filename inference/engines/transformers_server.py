@@ -331,9 +331,14 @@ class Reply:
         base, chat, want_lp = self.base, self.chat, self.p.sampling.logprobs is not None
         tools: dict[int, ToolCalls | None] = {}
         offsets: dict[int, int] = {}
+        unsent: dict[int, list] = {}             # steps of text a tool parser holds back: their logprobs wait
 
         def event(choice: dict) -> bytes:
             return _event({**base, "choices": [choice]})
+
+        def held_lp(i: int) -> dict | None:
+            s = unsent.pop(i, None)
+            return logprobs.chat(self.lm, s) if s else None
 
         while True:
             ev = await q.get()
@@ -349,8 +354,8 @@ class Reply:
             elif kind == "end":
                 tc = tools.get(i)
                 if tc is not None and not isinstance(tc, ToolCalls):
-                    for d in tc.end():        # what the tool parser held back
-                        yield event({"index": i, "delta": d, "logprobs": None, "finish_reason": None})
+                    for d in tc.end() or ([{}] if unsent.get(i) else []):   # what the tool parser held back
+                        yield event({"index": i, "delta": d, "logprobs": held_lp(i), "finish_reason": None})
                 fin = self._finish(text, tc)
                 yield event({"index": i, "delta": {}, "logprobs": None, "finish_reason": fin} if chat else
                             {"index": i, "text": "", "logprobs": None, "finish_reason": fin})
@@ -359,14 +364,16 @@ class Reply:
                 offsets[i] += len(text)
                 yield event({"index": i, "text": text, "logprobs": lp, "finish_reason": None})
             else:
-                lp = logprobs.chat(self.lm, steps) if want_lp else None
                 tc = tools[i]
+                if tc is not None and not isinstance(tc, ToolCalls):     # tool_choice auto: the model's own calls
+                    if want_lp:
+                        unsent.setdefault(i, []).extend(steps)
+                    for d in tc.feed(text):
+                        yield event({"index": i, "delta": d, "logprobs": held_lp(i), "finish_reason": None})
+                    continue
+                lp = logprobs.chat(self.lm, steps) if want_lp else None
                 if tc is None:
                     yield event({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": None})
-                    continue
-                if not isinstance(tc, ToolCalls):
-                    for k, d in enumerate(tc.feed(text)):
-                        yield event({"index": i, "delta": d, "logprobs": lp if k == 0 else None, "finish_reason": None})
                     continue
                 deltas = tc.feed(text)
                 for k, d in enumerate(deltas):
