@@ -41,8 +41,8 @@ def run_router(host: str, port: int, workers: int = 1, log_level: str = "info") 
         os.environ["CBORG_LOG_LEVEL"] = log_level
         uvicorn.run("router.app:create_worker_app", factory=True, workers=workers, **kw)
     else:
-        from router.app import create_app
-        uvicorn.run(create_app(settings), **kw)
+        from router.app import create_app, freeze_start_up
+        uvicorn.run(freeze_start_up(create_app(settings)), **kw)
 
 
 def cmd_router(a) -> None:

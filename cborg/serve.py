@@ -58,7 +58,7 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
     from common.logs import setup_logging
     from common.server import server_options
     from inference.config import load_inference
-    from router.app import create_app
+    from router.app import create_app, freeze_start_up
     from router.catalog import ConfigError
     from router.config import Settings
 
@@ -83,7 +83,7 @@ def serve(host: str, port: int, profile: str | None, node_port: int | None, log_
         settings.profile = profile
         settings.nodes = [{"name": nc.name, "url": f"http://127.0.0.1:{node_port}", "token": token}]
         settings.node_poll_s = 1.0
-        app = create_app(settings)
+        app = freeze_start_up(create_app(settings))
         gw = app.state
         url = f"http://{host}:{port}"
         announce: list[asyncio.Task] = []
