@@ -30,6 +30,12 @@ def hung_mock():
         mock.url = srv.url
         yield mock
 
+        def cancel_hung() -> None:          # (else asyncio reports them pending at exit)
+            for t in asyncio.all_tasks(srv.loop):
+                t.cancel()
+        srv.loop.call_soon_threadsafe(cancel_hung)
+        time.sleep(0.3)
+
 
 def rows(db: str) -> list[dict]:
     async def q():

@@ -161,6 +161,8 @@ class MockAnthropic:
         if body["model"] in ONE_SAMPLER and body.get("temperature") is not None and body.get("top_p") is not None:
             raise Invalid("`temperature` and `top_p` cannot both be specified for this model. Please use only one.")
         t = body.get("temperature")
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool)):
+            raise Invalid("temperature: Input should be a valid number")
         if t is not None and not 0 <= t <= 1:
             raise Invalid("temperature: range: 0..1")
         th = body.get("thinking")

@@ -48,6 +48,12 @@ def openai_error(status: int, message: str, type_: str = "invalid_request_error"
                              status=status)
 
 
+def _json_kind(v: Any) -> str:
+    """How OpenAI's type errors name a JSON value's type."""
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a decimal", str: "a string",
+            list: "an array", dict: "an object"}.get(type(v), "a value")
+
+
 def _unexpected(obj: dict, allowed: set, where: str) -> web.Response | None:
     extra = set(obj) - allowed
     if not extra:
@@ -218,10 +224,21 @@ class MockOpenAI:
                 return err
             if isinstance(m.get("content"), list):
                 for j, part in enumerate(m["content"]):
+                    if not isinstance(part, dict):
+                        return openai_error(400, f"Invalid type for 'messages[{i}].content[{j}]': expected an "
+                                                 f"object, but got {_json_kind(part)} instead.",
+                                            param=f"messages[{i}].content[{j}]", code="invalid_type")
                     if "cache_control" in part:
                         return openai_error(400, "Unrecognized request argument supplied: cache_control",
                                             param=f"messages.{i}.content.{j}")
-        for k, t in enumerate(body.get("tools") or []):
+        tools = body.get("tools") or []
+        if not isinstance(tools, list):
+            return openai_error(400, f"Invalid type for 'tools': expected an array, but got {_json_kind(tools)} "
+                                     "instead.", param="tools", code="invalid_type")
+        for k, t in enumerate(tools):
+            if not isinstance(t, dict):
+                return openai_error(400, f"Invalid type for 'tools[{k}]': expected an object, but got "
+                                         f"{_json_kind(t)} instead.", param=f"tools[{k}]", code="invalid_type")
             err = _unexpected(t, _TOOL_FIELDS, f"tools.{k}")
             if err is not None:
                 return err
