@@ -31,6 +31,7 @@ from multidict import istr
 from yarl import URL
 
 from common import timers
+from common.bounded import BoundedDict
 
 from .targets import Proxy, Target
 
@@ -245,7 +246,7 @@ class UpstreamPool:
         self._session: aiohttp.ClientSession | None = None
         self._connector: aiohttp.TCPConnector | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._urls: dict[tuple, URL] = {}
+        self._urls: dict[tuple, URL] = BoundedDict(4096)   # paths with ids (stored responses) vary
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
         self._proxies: dict[tuple[Proxy, str], tuple[URL, dict | None, tuple | None]] = {}
 
@@ -263,8 +264,6 @@ class UpstreamPool:
         k = (target, path)
         u = self._urls.get(k)
         if u is None:
-            if len(self._urls) > 4096:     # paths with ids (stored responses): don't grow without bound
-                self._urls.clear()
             u = self._urls[k] = URL(target.url(path), encoded=True)
         return u
 
