@@ -242,6 +242,16 @@ class MockOpenAI:
             err = _unexpected(t, _TOOL_FIELDS, f"tools.{k}")
             if err is not None:
                 return err
+        for name in ("max_tokens", "max_completion_tokens"):     # as OpenAI checks them
+            v = body.get(name)
+            if v is None:
+                continue
+            if type(v) is not int:
+                return openai_error(400, f"Invalid type for '{name}': expected an integer, but got "
+                                         f"{_json_kind(v)} instead.", param=name, code="invalid_type")
+            if v < 1:
+                return openai_error(400, f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
+                                         f"but got {v} instead.", param=name, code="integer_below_min_value")
         err = self._check_response_format(body)
         if err is not None:
             return err
