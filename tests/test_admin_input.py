@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import MASTER_KEY, running_gateway
 from tests.helpers.servers import ROOT
+from tests.helpers import hostile
 
 CHAT = {"model": "openai/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -89,12 +90,8 @@ def test_bad_admin_input_on_postgresql(tmp_path, mock_openai, pg_url):
         still_healthy(g, key)
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20)
-    | st.sampled_from(["30d", "0s", "-1", "never", "", "1e308", "nan", "99999999y", "\x00", "true"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8)
+json_values = hostile.json_values(["30d", "0s", "-1", "never", "", "1e308", "nan", "99999999y", "\x00", "true"],
+                                  nonfinite=True, text_size=20, key_size=5, max_leaves=8)
 FIELDS = ["user_id", "user", "key", "keys", "key_alias", "alias", "models", "duration", "expires", "metadata",
           "blocked", "max_budget", "budget", "budget_duration", "budget_period", "max_parallel_requests",
           "rpm_limit", "tpm_limit", "rpm", "tpm", "model", "prompt_tokens", "completion_tokens", "messages",

@@ -11,13 +11,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.providers.test_bad_fields import MODELS
+from tests.helpers import hostile
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2 ** 70), max_value=2 ** 70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
-    | st.sampled_from(["yes", "", "\x00", "auto", "none", "required", "json_object", "user", "text", "function"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=10)
+json_values = hostile.json_values(["yes", "", "\x00", "auto", "none", "required", "json_object", "user", "text",
+                                   "function"], nonfinite=False, text_size=12, key_size=6, max_leaves=10)
 ROLE_MSG = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "developer", "x"]),
                                   "content": json_values})
 MESSAGES = st.lists(ROLE_MSG, min_size=1, max_size=3) | json_values
