@@ -121,10 +121,14 @@ def _check_stop(field: str, v) -> None:
                     param=field, code="invalid_type")
 
 
+_KINDS = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
 def _kind(v) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
-            dict: "an object"}.get(type(v), "null") if type(v) is not list or all(type(x) is str for x in v) \
-        else "a list with a non-string item"
+    """How a 400 names a JSON value's type."""
+    if type(v) is list and not all(type(x) is str for x in v):
+        return "a list with a non-string item"
+    return _KINDS.get(type(v), "null")
 
 
 TOO_DEEP = ("Request JSON is nested too deeply (the gateway relays at most 254 levels of arrays and "
