@@ -9,25 +9,28 @@ per upstream. What stays ours: the four timeouts (connect, first byte, read gap,
 of a stale pooled connection, refusing header values with line breaks, typed errors whose messages
 name the upstream or proxy but never credentials. The proxy is part of the Target (router/proxies.py).
 
-Cost (docs/benchmarks.md, "Upstream transport"): the hand-written httptools client this replaces
-spent about 35 us of CPU per request; aiohttp's ClientSession.request about 170 us, httpx about
-2,200 us. So requests go through aiohttp's lower layers as ClientSession._request does (ClientRequest,
-the connector, ClientResponse) without what a gateway does not use per request (cookies, redirects,
-auth, middlewares, traces, proxy lookup in the environment), and the timeouts ride on the coarse
-timer wheel (common/timers.py) instead of an event-loop timer per request and per chunk: about
-25 % less than session.request in the same process. Still, on one core, the gateway does fewer requests/s than
-with the old client (the issue's 0.7 of its throughput is not reached; see the benchmark).
+What aiohttp does and what we do: the connector (aiohttp's TCPConnector) finds or opens the
+connection (pool, limits, keep-alive expiry, DNS, TLS, proxy CONNECT) and aiohttp's ResponseHandler
+parses the response with llhttp into a StreamReader (framing, decompression, flow control). The
+request itself is one write of bytes built here (request line, Host, the caller's headers,
+Content-Length, body): aiohttp's ClientRequest/ClientResponse pair (a payload object, a writer task,
+header multidicts per request) cost the gateway about a third of its throughput, for nothing a
+gateway sends (docs/benchmarks.md, "Upstream transport"). A ClientRequest is still built once per
+target, never sent, to tell the connector where to connect (its `dialer`). The timeouts ride on
+the coarse timer wheel (common/timers.py) instead of an event-loop timer per request and per chunk.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+from urllib.parse import quote
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import aiohttp
 from aiohttp.connector import Connection
-from multidict import istr
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
 from yarl import URL
 
 from common import timers
@@ -39,7 +42,6 @@ DEFAULT_MAX_BODY = 64 << 20          # non-streamed bodies past this are refused
 DEFAULT_CONNS_PER_HOST = 1024        # open connections per upstream (and proxy); more requests wait
 KEEPALIVE_S = 30.0                   # an idle pooled connection older than this is closed, not reused
 _READ_BUFSIZE = 1 << 19              # a streamed body pauses the socket past 2x this unread
-_SKIP = frozenset(istr(h) for h in ("User-Agent", "Accept", "Accept-Encoding"))  # only what providers set goes out
 
 
 class UpstreamError(Exception):
@@ -122,11 +124,11 @@ class _Watch:
     request). One that fires closes the connection; the read that was waiting then fails, and the
     error names the timeout instead of the close."""
 
-    __slots__ = ("conn", "resp", "fired", "total", "gap")
+    __slots__ = ("conn", "payload", "fired", "total", "gap")
 
     def __init__(self) -> None:
         self.conn: Connection | None = None
-        self.resp: aiohttp.ClientResponse | None = None
+        self.payload: StreamReader | None = None
         self.fired: str | None = None
         self.total: timers.Timeout | None = None
         self.gap: timers.Timeout | None = None
@@ -134,10 +136,10 @@ class _Watch:
     def fire(self, what: str) -> None:
         if self.fired is None:
             self.fired = what
-            if self.resp is not None:
-                self.resp.close()          # fails the body's pending read, closes the connection
-            elif self.conn is not None:
-                self.conn.close()          # fails the wait for the headers
+            if self.payload is not None and self.payload.exception() is None:
+                self.payload.set_exception(_CLOSED)   # fails the body's pending read
+            if self.conn is not None:
+                self.conn.close()                     # fails the wait for the headers
 
     def cancel(self) -> None:
         if self.total is not None:
@@ -151,33 +153,28 @@ class _Watch:
 class UpstreamResponse:
     """Status and headers of an upstream response; the body is read with read() or chunks()."""
 
-    __slots__ = ("status", "_r", "_pool", "_target", "_timeouts", "_watch", "_done")
+    __slots__ = ("status", "headers", "_payload", "_conn", "_pool", "_target", "_timeouts", "_watch")
 
-    def __init__(self, r: aiohttp.ClientResponse, pool: "UpstreamPool", target: Target, timeouts: Timeouts,
-                 watch: _Watch):
-        self.status = r.status
-        self._r = r
+    def __init__(self, status: int, headers, payload: StreamReader, conn: Connection, pool: "UpstreamPool",
+                 target: Target, timeouts: Timeouts, watch: _Watch):
+        self.status = status
+        self.headers = headers        # a case-insensitive multidict
+        self._payload = payload
+        self._conn: Connection | None = conn
         self._pool = pool
         self._target = target
         self._timeouts = timeouts
         self._watch = watch
-        self._done = False
 
     def header(self, name: str) -> str | None:
-        return self._r.headers.get(name)
-
-    @property
-    def headers(self):
-        """The response headers (a case-insensitive multidict)."""
-        return self._r.headers
+        return self.headers.get(name)
 
     async def _next(self) -> bytes:
         """The next piece of the body (b"" at its end), within the read gap."""
-        content = self._r.content
         w = self._watch
         w.gap = timers.call_later(self._timeouts.read, w.fire, "read")
         try:
-            return await content.readany()
+            return await self._payload.readany()
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             raise _convert(e, self._target, self._timeouts, w.fired) from None
         finally:
@@ -186,15 +183,16 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body, up to the pool's cap (BodyTooLarge past it)."""
-        r = self._r
+        payload = self._payload
         cap = self._pool.max_body
         try:
-            n = r.content_length
-            plain = "Content-Encoding" not in r.headers
-            if n is not None and n > cap and plain:
-                raise BodyTooLarge(self._too_large(n))
-            if n is not None and plain and r.content.is_eof():
-                return await r.read()                      # all there already: the common case
+            if payload.is_eof():                         # all there already: the common case
+                if payload.total_bytes > cap:
+                    raise BodyTooLarge(self._too_large(payload.total_bytes))
+                return payload.read_nowait(-1)
+            cl = self.headers.get("Content-Length")
+            if cl is not None and cl.isdigit() and int(cl) > cap and "Content-Encoding" not in self.headers:
+                raise BodyTooLarge(self._too_large(int(cl)))
             parts, size = [], 0
             while True:
                 data = await self._next()
@@ -229,10 +227,16 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Give the connection back to the pool if the body was read to its end, else close it."""
-        if not self._done:
-            self._done = True
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
             self._watch.cancel()
-            self._r.release()
+            if self._payload.is_eof() and self._payload.exception() is None:
+                conn.release()        # back to the pool unless the upstream asked to close
+            else:
+                if self._payload.exception() is None:
+                    self._payload.set_exception(_CLOSED)
+                conn.close()
 
 
 class UpstreamPool:
@@ -243,29 +247,34 @@ class UpstreamPool:
         self.max_body = max_body
         self._conns_per_host = conns_per_host
         self._keepalive_s = keepalive_s
-        self._session: aiohttp.ClientSession | None = None
         self._connector: aiohttp.TCPConnector | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._urls: dict[tuple, URL] = BoundedDict(4096)   # paths with ids (stored responses) vary
+        self._dialers: dict[Target, aiohttp.ClientRequest] = BoundedDict(4096)
+        # (target, method, path) -> the request line and the dialer; paths with ids (stored responses) vary
+        self._lines: dict[tuple, tuple[bytes, aiohttp.ClientRequest]] = BoundedDict(4096)
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
-        self._proxies: dict[tuple[Proxy, str], tuple[URL, dict | None, tuple | None]] = {}
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self) -> aiohttp.TCPConnector:
         self._loop = asyncio.get_running_loop()
         self._connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._conns_per_host,
                                                keepalive_timeout=self._keepalive_s, ttl_dns_cache=60)
-        # The session owns the connector and gives responses their context; requests are made with
-        # its lower layers (ClientRequest, the connector, the response) — see request().
-        self._session = aiohttp.ClientSession(connector=self._connector, cookie_jar=aiohttp.DummyCookieJar(),
-                                              trust_env=False, auto_decompress=True, read_bufsize=_READ_BUFSIZE)
-        return self._session
+        return self._connector
 
-    def _url(self, target: Target, path: str) -> URL:
-        k = (target, path)
-        u = self._urls.get(k)
-        if u is None:
-            u = self._urls[k] = URL(target.url(path), encoded=True)
-        return u
+    def _dialer(self, target: Target) -> aiohttp.ClientRequest:
+        """What the connector needs to find or open a connection to `target` (host, port, TLS, proxy):
+        a ClientRequest built once per target and never sent (see request())."""
+        d = self._dialers.get(target)
+        if d is None:
+            proxy = proxy_headers = None
+            if target.proxy is not None:
+                proxy = URL(target.proxy.url)
+                if target.scheme == "https" and target.proxy.user:
+                    # Host is set here as the connector would set it on first use, so that the
+                    # pool key (which hashes these headers) is the same for every request
+                    proxy_headers = {"Proxy-Authorization": _basic(target.proxy), "Host": target.host_header.decode()}
+            d = self._dialers[target] = aiohttp.ClientRequest(
+                "GET", URL(target.url(), encoded=True), loop=self._loop, proxy=proxy, proxy_headers=proxy_headers)
+        return d
 
     def _connect_timeout(self, seconds: float) -> aiohttp.ClientTimeout:
         ct = self._timeouts.get(seconds)
@@ -274,21 +283,6 @@ class UpstreamPool:
             ct = self._timeouts[seconds] = aiohttp.ClientTimeout(connect=seconds, sock_connect=seconds)
         return ct
 
-    def _proxy(self, p: Proxy, scheme: str) -> tuple[URL, dict | None, tuple | None]:
-        """The proxy's URL, its headers for a CONNECT (https upstreams), and the Proxy-Authorization
-        header to add to a plain-http request (which goes to the proxy in absolute form)."""
-        got = self._proxies.get((p, scheme))
-        if got is None:
-            auth = None
-            if p.user:
-                auth = "Basic " + base64.b64encode(f"{p.user}:{p.password or ''}".encode()).decode()
-            if scheme == "https":
-                got = (URL(p.url), {"Proxy-Authorization": auth} if auth else None, None)
-            else:
-                got = (URL(p.url), None, ("Proxy-Authorization", auth) if auth else None)
-            self._proxies[(p, scheme)] = got
-        return got
-
     async def request(self, target: Target, method: bytes, path: str, headers: list[tuple[bytes, bytes]],
                       body: bytes = b"", timeouts: Timeouts = Timeouts()) -> UpstreamResponse:
         """Send one request; returns once the response headers are in.
@@ -296,33 +290,22 @@ class UpstreamPool:
         A pooled connection that turns out dead before any response byte is retried once on a
         new one (the server closed an idle keep-alive connection; nothing was processed).
         """
-        hdrs = []
-        for k, v in headers:
-            if b"\r" in v or b"\n" in v or b"\r" in k or b"\n" in k:
-                raise ValueError(f"header {k!r} has a line break")
-            hdrs.append((k.decode("latin-1"), v.decode("latin-1")))
-        session = self._session or self._open()
-        connector = self._connector
-        assert connector is not None
-        url = self._url(target, path)
+        k = (target, method, path)
+        got = self._lines.get(k)
+        if got is None:
+            got = self._lines[k] = (_request_line(target, method, path), self._dialer(target))
+        line, dialer = got
+        head = line + _header_block(headers) + (b"Content-Length: %d\r\n\r\n" % len(body)
+                                                if body or method not in (b"GET", b"HEAD") else b"\r\n")
+        connector = self._connector or self._open()
         ct = self._connect_timeout(timeouts.connect)
-        proxy = proxy_headers = None
-        if target.proxy is not None:
-            proxy, proxy_headers, auth_header = self._proxy(target.proxy, target.scheme)
-            if auth_header is not None:
-                hdrs.append(auth_header)
-        m = method.decode()
+        skip_payload = method == b"HEAD"
         w = _Watch()
         w.total = timers.call_later(timeouts.total, w.fire, "total")
         try:
             for attempt in (0, 1):
-                # aiohttp's lower layers, as ClientSession._request uses them, without what a gateway
-                # does not need per request (cookies, redirects, auth, middlewares, traces, env proxies):
-                # about 25 % less CPU per request than session.request (docs/benchmarks.md).
-                req = aiohttp.ClientRequest(m, url, headers=hdrs, data=body, loop=self._loop, session=session,
-                                            skip_auto_headers=_SKIP, proxy=proxy, proxy_headers=proxy_headers)
                 try:
-                    conn = await connector.connect(req, [], ct)
+                    conn = await connector.connect(dialer, [], ct)
                 except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
                     raise _convert(e, target, timeouts, w.fired) from None
                 proto = conn.protocol
@@ -330,17 +313,32 @@ class UpstreamPool:
                 reused = getattr(proto, "_cborg_used", False)
                 if not reused:
                     proto._cborg_used = True  # type: ignore[attr-defined]
-                proto.set_response_params(skip_payload=m == "HEAD", read_until_eof=True, auto_decompress=True,
-                                          read_bufsize=_READ_BUFSIZE)
                 w.conn = conn
                 w.gap = timers.call_later(timeouts.first_byte, w.fire, "first byte")
                 try:
-                    r = await req.send(conn)
-                    try:
-                        await r.start(conn)
-                    except BaseException:
-                        r.close()
-                        raise
+                    # aiohttp's parser (llhttp) reads the response: every framing, decompression,
+                    # flow control of the body; the request itself is one write of bytes we built.
+                    if getattr(proto, "_cborg_skip", None) is not skip_payload or proto._parser is None:
+                        # the parser stays for the connection's next responses, as aiohttp's server keeps
+                        # its request parser (a connection that failed or was upgraded is not reused)
+                        proto.set_response_params(skip_payload=skip_payload, read_until_eof=True,
+                                                  auto_decompress=True, read_bufsize=_READ_BUFSIZE)
+                        proto._cborg_skip = skip_payload  # type: ignore[attr-defined]
+                    transport = proto.transport
+                    if transport is None or transport.is_closing():
+                        raise aiohttp.ServerDisconnectedError()
+                    if body and len(body) > _COALESCE:
+                        transport.writelines((head, body))
+                    else:
+                        transport.write(head + body if body else head)
+                    while True:
+                        message, payload = await proto.read()
+                        code = message.code
+                        if code > 199 or code < 100 or code == 101:
+                            break                   # 1xx (100 Continue, 103 Early Hints) are skipped
+                except HttpProcessingError as e:
+                    conn.close()
+                    raise ProtocolError(f"malformed response from upstream: {e.message}") from None
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError) as e:
                     conn.close()
                     if attempt == 0 and reused and w.fired is None:
@@ -355,18 +353,63 @@ class UpstreamPool:
                 finally:
                     w.gap.cancel()
                     w.gap = None
-                if r.status == 407 and target.proxy is not None:     # a plain-http request the proxy refused
-                    r.release()
+                if code == 407 and target.proxy is not None:     # a plain-http request the proxy refused
+                    conn.close()
                     raise ConnectError(f"the proxy {target.proxy.label} refused the request to {target.host}:"
                                        f"{target.port} (HTTP 407: its credentials are missing or wrong)")
-                w.resp = r
-                return UpstreamResponse(r, self, target, timeouts, w)
+                w.payload = payload
+                return UpstreamResponse(code, message.headers, payload, conn, self, target, timeouts, w)
             raise AssertionError("unreachable")
         except BaseException:
             w.cancel()
             raise
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._connector is not None:
+            await self._connector.close()
+            self._connector = None
+
+
+_COALESCE = 1 << 14        # a body up to this is sent in the same write (one copy) as the head
+_PATH_SAFE = "/?&=%:@!$'()*+,;~-._"
+_DROP = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection"))
+
+
+def _request_line(target: Target, method: bytes, path: str) -> bytes:
+    """The request line and Host: a plain-http request through a proxy names the whole URL
+    (absolute form) and carries the proxy's credentials."""
+    if not path.isprintable() or " " in path or not path.isascii():
+        path = quote(path, safe=_PATH_SAFE)          # an id or query from a client, made a legal target
+    if target.proxy is not None and target.scheme == "http":
+        line = b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target.url(path).encode(), target.host_header)
+        if target.proxy.user:
+            line += b"Proxy-Authorization: %s\r\n" % _basic(target.proxy).encode()
+        return line
+    return b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, (target.path + path).encode(), target.host_header)
+
+
+def _header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The caller's headers, one per line; Host, Content-Length and framing headers are the
+    transport's own and are left out. A line break in a name or value is refused (no header can
+    smuggle another)."""
+    block = b"".join([k + b": " + v + b"\r\n" for k, v in headers])
+    n = len(headers)
+    if block.count(b"\n") == n and block.count(b"\r") == n:
+        low = block.lower()
+        if b"host:" not in low and b"content-length:" not in low and b"transfer-encoding:" not in low \
+                and b"connection:" not in low:
+            return block                               # the common case: two scans of a few hundred bytes
+    lines = []
+    for k, v in headers:
+        if b"\r" in v or b"\n" in v or b"\r" in k or b"\n" in k:
+            raise ValueError(f"header {k!r} has a line break")
+        if k.lower() not in _DROP:
+            lines.append(k + b": " + v + b"\r\n")
+    return b"".join(lines)
+
+
+def _basic(p: Proxy) -> str:
+    return "Basic " + base64.b64encode(f"{p.user}:{p.password or ''}".encode()).decode()
+
+
+_CLOSED = aiohttp.ClientConnectionError("Connection closed")

@@ -259,7 +259,7 @@ async def test_stream_back_pressure_pauses_the_socket(big_server):
     it = r.chunks()
     await it.__anext__()
     await asyncio.sleep(0.5)                                   # the server would send it all in this time
-    assert r._r.content.total_bytes < 8 << 20                  # read from the socket so far: a few buffers
+    assert r._payload.total_bytes < 8 << 20                  # read from the socket so far: a few buffers
     await it.aclose()                                          # closes the connection mid-body
     await pool.close()
 
@@ -309,5 +309,111 @@ async def test_reused_connection_closed_before_answering_is_retried_once_on_a_ne
     from router.upstream import ClosedError
     with pytest.raises(ClosedError):
         await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"{}")
+    await pool.close()
+    srv.close()
+
+
+async def test_request_head_is_the_transports_own():
+    """The request is written by the transport: one Host (the target's) and one Content-Length (the
+    body's), whatever the caller's headers say; a path with spaces or non-ASCII goes out encoded."""
+    seen = []
+
+    async def handler(reader, writer):
+        while True:
+            try:
+                seen.append(await _read_request(reader))
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}/v1")
+    r = await pool.request(t, b"POST", "/responses/a b\u00e9?x=1", [
+        (b"Host", b"evil.example"), (b"content-length", b"999"), (b"Transfer-Encoding", b"chunked"),
+        (b"authorization", b"Bearer k")], b"{}")
+    assert await r.read() == b"ok"
+    r = await pool.request(t, b"GET", "/models", [], b"")
+    assert await r.read() == b"ok"
+    first, second = (s.split(b"\r\n") for s in seen)
+    assert first[0] == b"POST /v1/responses/a%20b%C3%A9?x=1 HTTP/1.1"
+    lower = [h.lower() for h in first[1:]]
+    assert [h for h in lower if h.startswith(b"host:")] == [b"host: 127.0.0.1:%d" % port]
+    assert [h for h in lower if h.startswith(b"content-length:")] == [b"content-length: 2"]
+    assert not any(h.startswith(b"transfer-encoding") for h in lower)
+    assert b"authorization: Bearer k" in first and first[-1] == b"{}"
+    assert second[0] == b"GET /v1/models HTTP/1.1"
+    assert not any(h.lower().startswith(b"content-length") for h in second)
+    await pool.close()
+    srv.close()
+
+
+async def test_informational_responses_are_skipped():
+    """100 Continue and 103 Early Hints before the answer: the caller sees the final response."""
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+                     b"HTTP/1.1 201 Created\r\ncontent-length: 4\r\nx-final: 1\r\n\r\ndone")
+        await writer.drain()
+        writer.close()
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    r = await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"{}")
+    assert (r.status, r.header("x-final"), await r.read()) == (201, "1", b"done")
+    await pool.close()
+    srv.close()
+
+
+async def test_malformed_response_is_a_protocol_error_and_the_pool_goes_on():
+    answers = [b"HTTP/1.1 2x0 Nope\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+
+    async def handler(reader, writer):
+        await _read_request(reader)
+        writer.write(answers.pop(0))
+        await writer.drain()
+        writer.close()
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    from router.upstream import ProtocolError
+    with pytest.raises(ProtocolError) as e:
+        await pool.request(t, b"POST", "/", [], b"{}")
+    assert "malformed response" in str(e.value)
+    r = await pool.request(t, b"POST", "/", [], b"{}")
+    assert await r.read() == b"ok"
+    await pool.close()
+    srv.close()
+
+
+async def test_head_then_post_on_one_connection():
+    """A HEAD's answer has a Content-Length but no body; the same connection then serves a POST
+    whose body is read whole (the response parser is told which is which)."""
+    conns = 0
+
+    async def handler(reader, writer):
+        nonlocal conns
+        conns += 1
+        try:
+            while True:
+                req = await _read_request(reader)
+                if req.startswith(b"HEAD"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv, port = await _server(handler)
+    pool = UpstreamPool()
+    t = Target.parse(f"http://127.0.0.1:{port}")
+    for method in (b"HEAD", b"POST", b"HEAD", b"POST"):
+        r = await pool.request(t, method, "/", [], b"")
+        assert await r.read() == (b"" if method == b"HEAD" else b"hello"), method
+    assert conns == 1
     await pool.close()
     srv.close()
