@@ -19,6 +19,11 @@ Scenarios (each runs its own gateway process; the key has parallel, RPM, TPM and
 --compare DIR also runs every scenario with the gateway of another checkout (e.g. a worktree of the
 previous commit: `git worktree add /tmp/bench-old main`), as `<scenario>@base`, in the same rounds, and
 prints this checkout's throughput and added p50 against it (medians of per-round ratios/differences).
+
+--litellm VENV also runs LiteLLM's proxy from that virtual environment (`pip install 'litellm[proxy]'`
+into it), one worker pinned to the gateway's core, in front of the same nginx for openai/gpt-4o, as the
+scenario `litellm`, and prints passthrough's throughput and added p50 against it. LiteLLM runs without a
+master key or database (no auth, limits or spend logs): less work per request than CBorg's passthrough.
 """
 from __future__ import annotations
 
@@ -228,6 +233,42 @@ def start_gateway(port: int, env: dict, cpu: str, log: Path, root: Path = ROOT) 
     sys.exit("gateway did not start")
 
 
+def start_litellm(venv: Path, port: int, nport: int, cpu: str, tmp: Path) -> subprocess.Popen:
+    """LiteLLM's proxy, one worker, for gpt-4o at nginx (no master key, no database)."""
+    conf = tmp / "litellm.yaml"
+    conf.write_text(f"""model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: openai/gpt-4o
+      api_base: http://127.0.0.1:{nport}/v1
+      api_key: sk-bench-upstream
+litellm_settings:
+  drop_params: true
+""")
+    log = tmp / "litellm.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC", "CBORG"))}
+    env.update(LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", DISABLE_SCHEMA_UPDATE="True")
+    p = subprocess.Popen(["taskset", "-c", cpu, str(venv / "bin" / "litellm"), "--config", str(conf),
+                          "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+                         env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    import urllib.request
+    for _ in range(1200):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness", timeout=1)
+            return p
+        except OSError:
+            if p.poll() is not None:
+                sys.exit(f"litellm exited: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    sys.exit("litellm did not start")
+
+
+def litellm_version(venv: Path) -> str:
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+                       capture_output=True, text=True)
+    return "LiteLLM " + (r.stdout.strip() or "?")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenarios", default="passthrough", help=f"comma list of {', '.join(SCENARIOS)}")
@@ -237,6 +278,8 @@ def main() -> None:
     ap.add_argument("--load-cpu", default="0")
     ap.add_argument("--compare", metavar="DIR", help="another checkout whose gateway runs every scenario too, "
                                                       "as <scenario>@base")
+    ap.add_argument("--litellm", metavar="VENV", help="a virtual environment with litellm[proxy]: its proxy "
+                                                      "runs as the scenario `litellm`")
     a = ap.parse_args()
     scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     for s in scen:
@@ -280,6 +323,14 @@ def main() -> None:
             setup[s] = (gw, lua(tmp, model, key, s, api), lua(tmp, "gpt-4o", key, s + "-direct"),
                         f"http://127.0.0.1:{port}{gpath}", f"http://127.0.0.1:{nport}{path}")
             wrk(setup[s][3], setup[s][1], 32, 2, a.load_cpu)  # warm up
+        if a.litellm:
+            port = free_port()
+            gw = start_litellm(Path(a.litellm), port, nport, a.gateway_cpu, tmp)
+            procs.append(gw)
+            setup["litellm"] = (gw, lua(tmp, "gpt-4o", "sk-none", "litellm"), lua(tmp, "gpt-4o", "sk-none", "litellm-direct"),
+                                f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{nport}/v1/chat/completions")
+            wrk(setup["litellm"][3], setup["litellm"][1], 32, 2, a.load_cpu)  # warm up
+            scen.append("litellm")
         rows = {s: {"direct_c1": [], "gw_c1": [], "gw_c32": [], "direct_c32": []} for s in scen}
         for _ in range(a.rounds):
             for s in scen:
@@ -309,7 +360,7 @@ def main() -> None:
                 except subprocess.TimeoutExpired:
                     p.kill()
         pin_services(None)
-        if any(SCENARIOS[x.split("@")[0]][3] == "postgres" for x in scen):
+        if any(x != "litellm" and SCENARIOS[x.split("@")[0]][3] == "postgres" for x in scen):
             asyncio.run(pg_schema(schema, drop=True))
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -363,6 +414,12 @@ def main() -> None:
                 results[s]["rounds"]["gw_c1"], results[s]["rounds"]["direct_c1"],
                 results[AGENT_PAIRS[s]]["rounds"]["gw_c1"], results[AGENT_PAIRS[s]]["rounds"]["direct_c1"])]
             print(f"  added p50 per round (ms): {', '.join(f'{v:+.3f}' for v in each)}")
+        if s == "litellm" and "passthrough" in results:
+            each = [x["rps"] / b["rps"] for x, b in zip(results["passthrough"]["rounds"]["gw_c32"],
+                                                          results["litellm"]["rounds"]["gw_c32"])]
+            print(f"passthrough vs litellm ({litellm_version(Path(a.litellm))}): throughput ratio c=32 "
+                  f"{per_round('passthrough', 'litellm', 'rps'):.1f}x (per round: {', '.join(f'{v:.1f}' for v in each)}), "
+                  f"added p50 c=1 {added_diff('passthrough', 'litellm'):+.3f} ms")
         if s == "anthropic" and "passthrough" in results:
             print(f"anthropic vs passthrough: added p50 {added_diff(s, 'passthrough'):+.3f} ms, "
                   f"throughput ratio {per_round(s, 'passthrough', 'rps'):.2f}")
