@@ -22,8 +22,8 @@ prints this checkout's throughput and added p50 against it (medians of per-round
 
 --litellm VENV also runs LiteLLM's proxy from that virtual environment (`pip install 'litellm[proxy]'`
 into it), one worker pinned to the gateway's core, in front of the same nginx for openai/gpt-4o, as the
-scenario `litellm`, and prints passthrough's throughput and added p50 against it. LiteLLM runs without a
-master key or database (no auth, limits or spend logs): less work per request than CBorg's passthrough.
+scenario `litellm`, and prints passthrough's throughput and added p50 against it. LiteLLM runs with a
+master key and no database (no per-key limits or spend logs): less work per request than CBorg's passthrough.
 """
 from __future__ import annotations
 
@@ -233,8 +233,11 @@ def start_gateway(port: int, env: dict, cpu: str, log: Path, root: Path = ROOT) 
     sys.exit("gateway did not start")
 
 
+LITELLM_KEY = "sk-litellm-bench-" + "0123456789abcdef" * 4
+
+
 def start_litellm(venv: Path, port: int, nport: int, cpu: str, tmp: Path) -> subprocess.Popen:
-    """LiteLLM's proxy, one worker, for gpt-4o at nginx (no master key, no database)."""
+    """LiteLLM's proxy, one worker, for gpt-4o at nginx (a master key, no database)."""
     conf = tmp / "litellm.yaml"
     conf.write_text(f"""model_list:
   - model_name: gpt-4o
@@ -247,7 +250,7 @@ litellm_settings:
 """)
     log = tmp / "litellm.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI", "ANTHROPIC", "CBORG"))}
-    env.update(LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", DISABLE_SCHEMA_UPDATE="True")
+    env.update(LITELLM_MASTER_KEY=LITELLM_KEY, LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True", DISABLE_SCHEMA_UPDATE="True")
     p = subprocess.Popen(["taskset", "-c", cpu, str(venv / "bin" / "litellm"), "--config", str(conf),
                           "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
                          env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -327,7 +330,7 @@ def main() -> None:
             port = free_port()
             gw = start_litellm(Path(a.litellm), port, nport, a.gateway_cpu, tmp)
             procs.append(gw)
-            setup["litellm"] = (gw, lua(tmp, "gpt-4o", "sk-none", "litellm"), lua(tmp, "gpt-4o", "sk-none", "litellm-direct"),
+            setup["litellm"] = (gw, lua(tmp, "gpt-4o", LITELLM_KEY, "litellm"), lua(tmp, "gpt-4o", LITELLM_KEY, "litellm-direct"),
                                 f"http://127.0.0.1:{port}/v1/chat/completions", f"http://127.0.0.1:{nport}/v1/chat/completions")
             wrk(setup["litellm"][3], setup["litellm"][1], 32, 2, a.load_cpu)  # warm up
             scen.append("litellm")
