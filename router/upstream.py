@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from urllib.parse import quote
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -124,9 +125,10 @@ class _Watch:
     request). One that fires closes the connection; the read that was waiting then fails, and the
     error names the timeout instead of the close."""
 
-    __slots__ = ("conn", "payload", "fired", "total", "gap")
+    __slots__ = ("conn", "payload", "fired", "total", "gap", "deadline")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline             # time.monotonic() past which the exchange has taken too long
         self.conn: Connection | None = None
         self.payload: StreamReader | None = None
         self.fired: str | None = None
@@ -140,6 +142,15 @@ class _Watch:
                 self.payload.set_exception(_CLOSED)   # fails the body's pending read
             if self.conn is not None:
                 self.conn.close()                     # fails the wait for the headers
+
+    def arm_total(self) -> None:
+        """Start the total timeout for the body, at its first wait: a body that is all there with the
+        headers (most non-streamed answers) never needs one."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self.fire("total")
+        else:
+            self.total = timers.call_later(left, self.fire, "total")
 
     def cancel(self) -> None:
         if self.total is not None:
@@ -172,6 +183,8 @@ class UpstreamResponse:
     async def _next(self) -> bytes:
         """The next piece of the body (b"" at its end), within the read gap."""
         w = self._watch
+        if w.total is None:
+            w.arm_total()
         w.gap = timers.call_later(self._timeouts.read, w.fire, "read")
         try:
             return await self._payload.readany()
@@ -252,6 +265,7 @@ class UpstreamPool:
         self._dialers: dict[Target, aiohttp.ClientRequest] = BoundedDict(4096)
         # (target, method, path) -> the request line and the dialer; paths with ids (stored responses) vary
         self._lines: dict[tuple, tuple[bytes, aiohttp.ClientRequest]] = BoundedDict(4096)
+        self._blocks: dict[tuple, bytes] = BoundedDict(1024)       # header lists -> their lines
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.TCPConnector:
@@ -295,13 +309,16 @@ class UpstreamPool:
         if got is None:
             got = self._lines[k] = (_request_line(target, method, path), self._dialer(target))
         line, dialer = got
-        head = line + _header_block(headers) + (b"Content-Length: %d\r\n\r\n" % len(body)
+        hk = tuple(headers)             # the same few headers per endpoint: serialized and checked once
+        block = self._blocks.get(hk)
+        if block is None:
+            block = self._blocks[hk] = _header_block(headers)
+        head = line + block + (b"Content-Length: %d\r\n\r\n" % len(body)
                                                 if body or method not in (b"GET", b"HEAD") else b"\r\n")
         connector = self._connector or self._open()
         ct = self._connect_timeout(timeouts.connect)
         skip_payload = method == b"HEAD"
-        w = _Watch()
-        w.total = timers.call_later(timeouts.total, w.fire, "total")
+        w = _Watch(time.monotonic() + timeouts.total)
         try:
             for attempt in (0, 1):
                 try:
@@ -314,7 +331,10 @@ class UpstreamPool:
                 if not reused:
                     proto._cborg_used = True  # type: ignore[attr-defined]
                 w.conn = conn
-                w.gap = timers.call_later(timeouts.first_byte, w.fire, "first byte")
+                # one timer until the headers: the first-byte timeout, or what is left of the total if sooner
+                left = w.deadline - time.monotonic()
+                w.gap = (timers.call_later(timeouts.first_byte, w.fire, "first byte") if timeouts.first_byte < left
+                         else timers.call_later(max(left, 0.0), w.fire, "total"))
                 try:
                     # aiohttp's parser (llhttp) reads the response: every framing, decompression,
                     # flow control of the body; the request itself is one write of bytes we built.

@@ -417,3 +417,41 @@ async def test_head_then_post_on_one_connection():
     assert conns == 1
     await pool.close()
     srv.close()
+
+
+async def test_total_timeout_ends_a_trickling_body_and_a_late_answer():
+    """The total bounds the whole exchange: a body whose chunks each come within the read gap, and
+    an answer whose headers are later than the total though sooner than the first-byte timeout."""
+    async def trickle(reader, writer):
+        await _read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(40):
+                writer.write(b"1\r\nx\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+        except ConnectionError:
+            pass
+
+    async def late(reader, writer):
+        await _read_request(reader)
+        await asyncio.sleep(1)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    srv, port = await _server(trickle)
+    pool = UpstreamPool()
+    t0 = asyncio.get_running_loop().time()
+    r = await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"",
+                           Timeouts(read=0.5, total=0.6))
+    with pytest.raises(UpstreamTimeout) as e:
+        await r.read()
+    took = asyncio.get_running_loop().time() - t0
+    assert "total" in str(e.value) and 0.5 < took < 1.5, took
+    srv.close()
+    srv, port = await _server(late)
+    with pytest.raises(UpstreamTimeout) as e:
+        await pool.request(Target.parse(f"http://127.0.0.1:{port}"), b"POST", "/", [], b"",
+                           Timeouts(first_byte=5, total=0.3))
+    assert "total" in str(e.value)
+    await pool.close()
+    srv.close()
