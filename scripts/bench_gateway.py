@@ -221,16 +221,21 @@ def start_gateway(port: int, env: dict, cpu: str, log: Path, root: Path = ROOT) 
     p = subprocess.Popen(["taskset", "-c", cpu, sys.executable, "-m", "cborg.cli", "router", "--port", str(port),
                           "--log-level", "warning"], env=env, cwd=root,
                          stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    return wait_live(p, port, log, "gateway", 30)
+
+
+def wait_live(p: subprocess.Popen, port: int, log: Path, what: str, seconds: float) -> subprocess.Popen:
+    """Wait for /health/liveliness (CBorg's and LiteLLM's); exit with the log's tail if the process dies."""
     import urllib.request
-    for _ in range(300):
+    for _ in range(int(seconds * 10)):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness", timeout=1)
             return p
         except OSError:
             if p.poll() is not None:
-                sys.exit(f"gateway exited: {log.read_text()[-2000:]}")
+                sys.exit(f"{what} exited: {log.read_text()[-2000:]}")
             time.sleep(0.1)
-    sys.exit("gateway did not start")
+    sys.exit(f"{what} did not start")
 
 
 LITELLM_KEY = "sk-litellm-bench-" + "0123456789abcdef" * 4
@@ -254,16 +259,7 @@ litellm_settings:
     p = subprocess.Popen(["taskset", "-c", cpu, str(venv / "bin" / "litellm"), "--config", str(conf),
                           "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
                          env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    import urllib.request
-    for _ in range(1200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health/liveliness", timeout=1)
-            return p
-        except OSError:
-            if p.poll() is not None:
-                sys.exit(f"litellm exited: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-    sys.exit("litellm did not start")
+    return wait_live(p, port, log, "litellm", 120)
 
 
 def litellm_version(venv: Path) -> str:

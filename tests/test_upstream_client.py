@@ -43,28 +43,34 @@ async def _read_request(reader) -> bytes:
     return head + (await reader.readexactly(n) if n else b"")
 
 
-async def test_keep_alive_reuse_and_chunked_stream():
-    conns = 0
-
+def _keep_alive(answer):
+    """A server answering every request on a connection with `await answer(request, writer)`;
+    `handler.conns` counts the connections it was given."""
     async def handler(reader, writer):
-        nonlocal conns
-        conns += 1
+        handler.conns += 1
         try:
             while True:
-                req = await _read_request(reader)
-                if b"/stream" in req:
-                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    for part in (b"data: 1\n\n", b"data: 2\n\n"):
-                        writer.write(b"%x\r\n%s\r\n" % (len(part), part))
-                        await writer.drain()
-                        await asyncio.sleep(0.05)
-                    writer.write(b"0\r\n\r\n")
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: b\r\n\r\nok")
+                await answer(await _read_request(reader), writer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
+    handler.conns = 0
+    return handler
 
+
+async def test_keep_alive_reuse_and_chunked_stream():
+    async def answer(req, writer):
+        if b"/stream" in req:
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for part in (b"data: 1\n\n", b"data: 2\n\n"):
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            writer.write(b"0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-a: b\r\n\r\nok")
+
+    handler = _keep_alive(answer)
     srv, port = await _server(handler)
     pool = UpstreamPool()
     t = Target.parse(f"http://127.0.0.1:{port}")
@@ -75,7 +81,7 @@ async def test_keep_alive_reuse_and_chunked_stream():
     r = await pool.request(t, b"POST", "/stream", [], b"")
     got = [c async for c in r.chunks()]
     assert b"".join(got) == b"data: 1\n\ndata: 2\n\n" and len(got) == 2
-    assert conns == 1                     # one connection served all six exchanges
+    assert handler.conns == 1             # one connection served all six exchanges
     await pool.close()
     srv.close()
 
@@ -392,29 +398,17 @@ async def test_malformed_response_is_a_protocol_error_and_the_pool_goes_on():
 async def test_head_then_post_on_one_connection():
     """A HEAD's answer has a Content-Length but no body; the same connection then serves a POST
     whose body is read whole (the response parser is told which is which)."""
-    conns = 0
+    async def answer(req, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n" + (b"" if req.startswith(b"HEAD") else b"hello"))
 
-    async def handler(reader, writer):
-        nonlocal conns
-        conns += 1
-        try:
-            while True:
-                req = await _read_request(reader)
-                if req.startswith(b"HEAD"):
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n")
-                else:
-                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
+    handler = _keep_alive(answer)
     srv, port = await _server(handler)
     pool = UpstreamPool()
     t = Target.parse(f"http://127.0.0.1:{port}")
     for method in (b"HEAD", b"POST", b"HEAD", b"POST"):
         r = await pool.request(t, method, "/", [], b"")
         assert await r.read() == (b"" if method == b"HEAD" else b"hello"), method
-    assert conns == 1
+    assert handler.conns == 1
     await pool.close()
     srv.close()
 
