@@ -2,31 +2,30 @@
 
 `UpstreamPool.request(target, method, path, headers, body, timeouts)` returns once the response
 headers are in; the body is read with `read()` (capped, default 64 MiB) or `chunks()` (as it
-arrives, with back-pressure), and `release()` gives the connection back. aiohttp does the protocol:
-llhttp's C parser, every legal framing (Content-Length, chunked, close-delimited), gzip/deflate,
-forward proxies (CONNECT for https), TLS, DNS caching, pooled keep-alive with expiry and a cap
-per upstream. What stays ours: the four timeouts (connect, first byte, read gap, total), one retry
-of a stale pooled connection, refusing header values with line breaks, typed errors whose messages
-name the upstream or proxy but never credentials. The proxy is part of the Target (router/proxies.py).
+arrives, with back-pressure), and `release()` gives the connection back.
 
-What aiohttp does and what we do: the connector (aiohttp's TCPConnector) finds or opens the
-connection (pool, limits, keep-alive expiry, DNS, TLS, proxy CONNECT) and aiohttp's ResponseHandler
-parses the response with llhttp into a StreamReader (framing, decompression, flow control). The
-request itself is one write of bytes built here (request line, Host, the caller's headers,
-Content-Length, body): aiohttp's ClientRequest/ClientResponse pair (a payload object, a writer task,
-header multidicts per request) cost the gateway about a third of its throughput, for nothing a
-gateway sends (docs/benchmarks.md, "Upstream transport"). A ClientRequest is still built once per
-target, never sent, to tell the connector where to connect (its `dialer`). The timeouts ride on
-the coarse timer wheel (common/timers.py) instead of an event-loop timer per request and per chunk.
+aiohttp does the protocol: its connector finds or opens the connection (pooled keep-alive with
+expiry and a cap per upstream, DNS cache, TLS, forward proxies with CONNECT for https) and its
+ResponseHandler parses the answer with llhttp into a StreamReader (every legal framing:
+Content-Length, chunked, close-delimited; gzip/deflate; flow control). The request itself is one
+write of bytes built here (request line, Host, the caller's headers, Content-Length, body):
+aiohttp's ClientRequest/ClientResponse pair (a payload object, a writer task, header multidicts
+per request) cost the gateway about a quarter of its throughput for nothing a gateway sends
+(docs/benchmarks.md, "The request written on aiohttp's connector and parser"). A ClientRequest is
+built once per target, never sent, to tell the connector where to connect (the `dialer`).
+What stays ours: the four timeouts (connect, first byte, read gap, total) on the coarse timer wheel
+(common/timers.py) instead of an event-loop timer per request and per chunk, one retry of a stale
+pooled connection, refusing header values with line breaks, typed errors whose messages name the
+upstream or proxy but never credentials. The proxy is part of the Target (router/proxies.py).
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import time
-from urllib.parse import quote
 from dataclasses import dataclass
 from typing import AsyncIterator
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp.connector import Connection
