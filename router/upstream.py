@@ -312,8 +312,10 @@ class UpstreamPool:
         block = self._blocks.get(hk)
         if block is None:
             block = self._blocks[hk] = _header_block(headers)
-        head = line + block + (b"Content-Length: %d\r\n\r\n" % len(body)
-                                                if body or method not in (b"GET", b"HEAD") else b"\r\n")
+        if body or method not in (b"GET", b"HEAD"):
+            head = line + block + b"Content-Length: %d\r\n\r\n" % len(body)
+        else:
+            head = line + block + b"\r\n"
         connector = self._connector or self._open()
         ct = self._connect_timeout(timeouts.connect)
         skip_payload = method == b"HEAD"
