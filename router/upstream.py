@@ -109,7 +109,7 @@ def _convert(e: BaseException, target: Target, t: Timeouts, fired: str | None = 
     if isinstance(e, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
                       ConnectionError)):
         return ClosedError("upstream closed the connection before the response ended")
-    if isinstance(e, aiohttp.ClientResponseError):
+    if isinstance(e, (aiohttp.ClientResponseError, HttpProcessingError)):
         return ProtocolError(f"malformed response from upstream: {e.message}")
     return ProtocolError(f"upstream request failed: {type(e).__name__}: {e}")
 
@@ -137,8 +137,8 @@ class _Watch:
     def fire(self, what: str) -> None:
         if self.fired is None:
             self.fired = what
-            if self.payload is not None and self.payload.exception() is None:
-                self.payload.set_exception(_CLOSED)   # fails the body's pending read
+            if self.payload is not None:
+                _fail(self.payload)                   # fails the body's pending read
             if self.conn is not None:
                 self.conn.close()                     # fails the wait for the headers
 
@@ -246,8 +246,7 @@ class UpstreamResponse:
             if self._payload.is_eof() and self._payload.exception() is None:
                 conn.release()        # back to the pool unless the upstream asked to close
             else:
-                if self._payload.exception() is None:
-                    self._payload.set_exception(_CLOSED)
+                _fail(self._payload)
                 conn.close()
 
 
@@ -328,9 +327,8 @@ class UpstreamPool:
                     raise _convert(e, target, timeouts, w.fired) from None
                 proto = conn.protocol
                 assert proto is not None
-                reused = getattr(proto, "_cborg_used", False)
-                if not reused:
-                    proto._cborg_used = True  # type: ignore[attr-defined]
+                made_for = getattr(proto, "_cborg_skip", None)   # None: a new connection
+                reused = made_for is not None
                 w.conn = conn
                 # one timer until the headers: the first-byte timeout, or what is left of the total if sooner
                 left = w.deadline - time.monotonic()
@@ -339,7 +337,7 @@ class UpstreamPool:
                 try:
                     # aiohttp's parser (llhttp) reads the response: every framing, decompression,
                     # flow control of the body; the request itself is one write of bytes we built.
-                    if getattr(proto, "_cborg_skip", None) is not skip_payload or proto._parser is None:
+                    if made_for is not skip_payload or proto._parser is None:
                         # the parser stays for the connection's next responses, as aiohttp's server keeps
                         # its request parser (a connection that failed or was upgraded is not reused)
                         proto.set_response_params(skip_payload=skip_payload, read_until_eof=True,
@@ -357,15 +355,12 @@ class UpstreamPool:
                         code = message.code
                         if code > 199 or code < 100 or code == 101:
                             break                   # 1xx (100 Continue, 103 Early Hints) are skipped
-                except HttpProcessingError as e:
-                    conn.close()
-                    raise ProtocolError(f"malformed response from upstream: {e.message}") from None
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError) as e:
                     conn.close()
                     if attempt == 0 and reused and w.fired is None:
                         continue                    # a stale pooled connection: once more on a new one
                     raise _convert(e, target, timeouts, w.fired) from None
-                except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
+                except (aiohttp.ClientError, HttpProcessingError, OSError, asyncio.TimeoutError) as e:
                     conn.close()
                     raise _convert(e, target, timeouts, w.fired) from None
                 except BaseException:
@@ -412,14 +407,7 @@ def _request_line(target: Target, method: bytes, path: str) -> bytes:
 def _header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
     """The caller's headers, one per line; Host, Content-Length and framing headers are the
     transport's own and are left out. A line break in a name or value is refused (no header can
-    smuggle another)."""
-    block = b"".join([k + b": " + v + b"\r\n" for k, v in headers])
-    n = len(headers)
-    if block.count(b"\n") == n and block.count(b"\r") == n:
-        low = block.lower()
-        if b"host:" not in low and b"content-length:" not in low and b"transfer-encoding:" not in low \
-                and b"connection:" not in low:
-            return block                               # the common case: two scans of a few hundred bytes
+    smuggle another). Made once per distinct header list (UpstreamPool._blocks)."""
     lines = []
     for k, v in headers:
         if b"\r" in v or b"\n" in v or b"\r" in k or b"\n" in k:
@@ -434,3 +422,9 @@ def _basic(p: Proxy) -> str:
 
 
 _CLOSED = aiohttp.ClientConnectionError("Connection closed")
+
+
+def _fail(payload: StreamReader) -> None:
+    """End a body's reads with "connection closed" (unless they already failed otherwise)."""
+    if payload.exception() is None:
+        payload.set_exception(_CLOSED)
