@@ -187,17 +187,23 @@ class SQLiteStore:
 
     @staticmethod
     def _migrate(db: sqlite3.Connection, migrations: list[str]) -> None:
-        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = db.execute("SELECT version FROM schema_version").fetchone()
-        have = row[0] if row else 0
-        if row is None:
-            db.execute("INSERT INTO schema_version VALUES (0)")
-        for v in range(have, len(migrations)):
-            db.execute("BEGIN IMMEDIATE")
-            for stmt in [s for s in migrations[v].split(";") if s.strip()]:
-                db.execute(stmt)
-            db.execute("UPDATE schema_version SET version = ?", (v + 1,))
-            db.execute("COMMIT")
+        """One write transaction from reading the version to the last step: workers and replicas
+        starting together on a fresh file wait for each other instead of both creating its tables."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            have = row[0] if row else 0
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (0)")
+            for v in range(have, len(migrations)):
+                for stmt in [s for s in migrations[v].split(";") if s.strip()]:
+                    db.execute(stmt)
+                db.execute("UPDATE schema_version SET version = ?", (v + 1,))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     async def init(self) -> None:
         await self._run(lambda db: self._migrate(db, MIGRATIONS))
