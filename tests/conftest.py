@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from tests.helpers.servers import ROOT, AiohttpServer, ASGIServer
 from tests.mocks.openai_mock import MockOpenAI
 
 MASTER_KEY = "mk-test-master-key-0123456789"
+
+# httpx logs every request at INFO: a failing test's captured log was hundreds of readiness polls
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def write_catalog(path: Path, mock_url: str, edit=None) -> Path:

