@@ -62,6 +62,8 @@ def test_docs_are_served_without_a_cdn(live):
                  "/key/update", "/key/info", "/user/info", "/user/update", "/model/info", "/cost/calculate",
                  "/admin/models/swap", "/health/readiness", "/metrics"):
         assert path in doc["paths"], path
+    # the server's own answers before any route (common/server.py) are documented on the inference paths
+    assert {"408", "503"} <= set(doc["paths"]["/v1/chat/completions"]["post"]["responses"])
     landing = httpx.get(live.url + "/")
     assert landing.status_code == 200 and 'href="/docs"' in landing.text and 'href="/key/manage"' in landing.text
     evil = httpx.get(live.url + "/", headers={"host": "x<script>alert(1)</script>"})

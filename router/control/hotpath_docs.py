@@ -120,11 +120,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {**_ERR, "description": "Missing or invalid API key"},
     403: {**_ERR, "description": "The key may not use this model"},
     404: {**_ERR, "description": "No such model"},
+    408: {**_ERR, "description": "The request head did not arrive within CBORG_HEAD_TIMEOUT_S; the connection "
+                                 "is closed (answered by the server, before any route)"},
     413: {**_ERR, "description": "Request body too large"},
     429: {**_ERR, "description": "A rate limit or budget refused it (see retry-after)"},
     500: {**_ERR, "description": "An upstream's own server error, passed on"},
     502: {**_ERR, "description": "The upstream failed or answered something unreadable"},
-    503: {**_ERR, "description": "The model is loading, swapping or not configured here"},
+    503: {**_ERR, "description": "The model is loading, swapping or not configured here; or the server is over "
+                                 "CBORG_MAX_CONNECTIONS (answered before any route, and the connection closed)"},
     504: {**_ERR, "description": "The upstream timed out"},
     508: {**_ERR, "description": "A provider base URL points back at this gateway"},
 }
