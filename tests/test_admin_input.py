@@ -39,6 +39,12 @@ KNOWN_BAD = [
     ("/user/update", {"user_id": "u@lbl.gov", "budget_duration": "0s"}, "budget_duration"),
     ("/user/update", {"user_id": "u@lbl.gov", "max_parallel_requests": 2 ** 63}, "max_parallel_requests"),
     ("/cost/calculate", {"model": "openai/gpt-4o", "prompt_tokens": 1e300}, "prompt_tokens"),
+    # true was taken as 1 (second), "" as no expiry; an alias like a key id took that key's place
+    ("/key/generate", {"user_id": "u@lbl.gov", "duration": True}, "duration"),
+    ("/key/generate", {"user_id": "u@lbl.gov", "budget_duration": True}, "budget_duration"),
+    ("/key/generate", {"user_id": "u@lbl.gov", "duration": ""}, "duration"),
+    ("/user/update", {"user_id": "u@lbl.gov", "budget_duration": False}, "budget_duration"),
+    ("/key/generate", {"user_id": "u@lbl.gov", "key_alias": "key-0123456789ab"}, "key_alias"),
     ("/cost/calculate", {"model": "openai/gpt-4o", "completion_response": {"usage": {"prompt_tokens": -5}}},
      "completion_response.usage.prompt_tokens"),
 ]

@@ -29,10 +29,15 @@ def _clean(v: str) -> str:
     return v
 
 
+def _not_bool(v: Any) -> Any:
+    """Before pydantic's lax mode turns true into the number 1 (one second)."""
+    if isinstance(v, bool) or (isinstance(v, str) and not v.strip()):
+        raise ValueError("not a duration: use e.g. 30d, 12h or 1y")
+    return v
+
+
 def _duration(v: Any) -> str | None:
     """A lifetime or period as admins write it (30d, 12h, 1y) or seconds; returned as text."""
-    if isinstance(v, bool):
-        raise ValueError("not a duration: use e.g. 30d, 12h or 1y")
     try:
         secs = parse_duration(v)
     except ValueError:
@@ -47,7 +52,7 @@ def _duration(v: Any) -> str | None:
 
 
 def _period(v: Any) -> str | None:
-    if isinstance(v, str) and v.strip().lower() in ("", "never"):
+    if isinstance(v, str) and v.strip().lower() == "never":
         raise ValueError("must be a positive duration such as 30d (null restores the default)")
     return _duration(v)
 
@@ -59,10 +64,21 @@ def _models(v: Any) -> Any:
 
 
 Text = Annotated[str, Field(min_length=1, max_length=320), AfterValidator(_clean)]
-Alias = Annotated[str, Field(max_length=256), AfterValidator(_clean)]
+_KEYLIKE = re.compile(r"(?i)(key-|sk-)|[0-9a-f]{64}$")
+
+
+def _alias(v: str) -> str:
+    """Keys are found by id, secret, hash or alias: an alias that looked like another key's id
+    once took that key's place in admin lookups (block, delete, info)."""
+    if _KEYLIKE.match(v):
+        raise ValueError("must not look like a key id (key-...), a key (sk-...) or a key hash")
+    return _clean(v)
+
+
+Alias = Annotated[str, Field(max_length=256), AfterValidator(_alias)]
 ModelName = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_clean)]
-Duration = Annotated[str | int | float | None, AfterValidator(_duration)]
-Period = Annotated[str | int | float | None, AfterValidator(_period)]
+Duration = Annotated[str | int | float | None, BeforeValidator(_not_bool), AfterValidator(_duration)]
+Period = Annotated[str | int | float | None, BeforeValidator(_not_bool), AfterValidator(_period)]
 Parallel = Annotated[int, Field(ge=0, le=1_000_000)]
 Rpm = Annotated[int, Field(ge=0, le=1_000_000_000)]
 Tpm = Annotated[int, Field(ge=0, le=1_000_000_000_000)]

@@ -178,7 +178,8 @@ class PostgresStore:
 
     async def find_key(self, id_or_hash: str) -> KeyRecord | None:
         r = await self.pool.fetchrow("SELECT * FROM keys WHERE id = $1 OR key_hash = $1 OR alias = $1 "
-                                     "ORDER BY created_at DESC LIMIT 1", id_or_hash)
+                                     "ORDER BY id = $1 DESC, key_hash = $1 DESC, created_at DESC LIMIT 1",
+                                     id_or_hash)    # an id or hash before any alias
         return key_from_row(dict(r)) if r else None
 
     async def list_keys(self, user_id: str | None = None) -> list[KeyRecord]:

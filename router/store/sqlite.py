@@ -237,8 +237,9 @@ class SQLiteStore:
 
     async def find_key(self, id_or_hash: str) -> KeyRecord | None:
         row = await self._run(lambda db: db.execute(
-            "SELECT * FROM keys WHERE id = ? OR key_hash = ? OR alias = ? ORDER BY created_at DESC",
-            (id_or_hash, id_or_hash, id_or_hash)).fetchone())
+            "SELECT * FROM keys WHERE id = ? OR key_hash = ? OR alias = ? "
+            "ORDER BY id = ? DESC, key_hash = ? DESC, created_at DESC",      # an id or hash before any alias
+            (id_or_hash,) * 5).fetchone())
         return key_from_row(dict(row)) if row else None
 
     async def list_keys(self, user_id: str | None = None) -> list[KeyRecord]:
