@@ -190,6 +190,15 @@ class Call:
             log.exception("accounting failed for %s", self.id)
 
 
+
+def _build_error(e: TypeError) -> HTTPError:
+    """A TypeError while writing the upstream request: orjson past its 254 levels of nesting, or a
+    field of a type the translation cannot take (which the dialects should have refused first)."""
+    if "Recursion limit" in str(e):                 # orjson reads 1,024 levels, writes 254
+        return HTTPError(400, TOO_DEEP, code="invalid_json")
+    return HTTPError(400, f"The request has a field of the wrong type for this model ({e}).",
+                     code="invalid_request")
+
 class Pipeline:
     def __init__(self, gw: "Gateway"):
         self.gw = gw
@@ -251,7 +260,10 @@ class Pipeline:
                                  "(e.g. OPENAI_BASE_URL) points at this gateway.", code="loop_detected",
                             headers=[upstream_errors.NO_RETRY])
         h = req.headers.get(b"x-cborg-hops")
-        if h is not None and (not h.isdigit() or int(h) >= MAX_HOPS):
+        if h is not None and not h.isdigit():
+            raise HTTPError(400, "The x-cborg-hops header must be a whole number (the gateways this request "
+                                 "has passed through); leave it out.", param="x-cborg-hops", code="invalid_header")
+        if h is not None and int(h) >= MAX_HOPS:
             raise HTTPError(508, f"This request has passed through {h.decode('latin-1')[:8]} gateways (at most "
                                  f"{MAX_HOPS - 1} may relay it): gateways whose provider base URLs point at each "
                                  "other.", code="loop_detected", headers=[upstream_errors.NO_RETRY])
@@ -291,17 +303,20 @@ class Pipeline:
         return body
 
     # -- upstream ----------------------------------------------------------------------
-    def _candidates(self, route: Route) -> list[Route]:
+    def _candidates(self, call: Call) -> list[Route]:
+        """The route, then its catalog fallbacks that this key may use (a key limited to
+        anthropic/* is not served by an openai/* fallback)."""
+        route = call.route
         out = [route]
         for name in route.model.fallbacks:
             r = self.gw.catalog.resolve(name)
-            if r is not None and r not in out:
+            if r is not None and r not in out and allowed(call.key, r):
                 out.append(r)
         return out
 
     async def _call_upstream(self, call: Call, body: dict, raw: bytes) -> Response | StreamResponse:
         gw = self.gw
-        candidates = self._candidates(call.route)
+        candidates = self._candidates(call)
         last_err: HTTPError | None = None
         for n, route in enumerate(candidates):
             if n and call.inbound is None:
@@ -324,8 +339,10 @@ class Pipeline:
                             ureq = ad.build(ep, route, call.op, body, call.stream)
                         else:
                             ureq = call.inbound.build(ad, ep, route, call.stream)
-                    except (orjson.JSONEncodeError, RecursionError):   # orjson reads 1,024 levels, writes 254
+                    except RecursionError:
                         raise HTTPError(400, TOO_DEEP, code="invalid_json") from None
+                    except TypeError as e:      # (orjson.JSONEncodeError is TypeError itself)
+                        raise _build_error(e) from None
                     if route.provider.protocol in _HOP_PROTOCOLS:   # (another gateway may be behind it)
                         ureq.headers = [*ureq.headers, _HOPS[call.hops + 1]]
                     resp = await self._send(ep, route, ureq)

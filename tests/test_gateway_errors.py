@@ -85,6 +85,14 @@ def test_malformed_requests_400(gateway, api_key, body, param):
     assert err["type"] == "invalid_request_error"
 
 
+def test_a_wrong_type_is_not_called_too_deep(gateway, api_key):
+    # orjson's encode error is TypeError itself: every TypeError while translating was "nested too deeply"
+    r = post(gateway, "/v1/messages", headers={"x-api-key": api_key},
+             json={"model": "openai/gpt-4o-mini", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}],
+                   "tools": 5})
+    assert r.status_code == 400 and "nested" not in r.text and r.json()["type"] == "error", r.text
+
+
 def test_missing_fields_other_endpoints(gateway, api_key):
     assert_error(post(gateway, "/completions", key=api_key, json={"model": "openai/gpt-4o"}), 400, "prompt")
     assert_error(post(gateway, "/embeddings", key=api_key, json={"model": "lbl/nomic-embed-text"}), 400, "input")

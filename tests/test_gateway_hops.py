@@ -50,10 +50,14 @@ def test_two_gateways_pointing_at_each_other_answer_508_quickly(tmp_path, mock_o
         print(f"\ntwo gateways pointing at each other: {r.status_code} after {took:.2f} s")
         assert r.status_code == 508 and "gateways" in r.json()["error"]["message"], r.text
         assert took < 3
-        # a direct client's own (bad) header is refused too; the mock still answers through xAI
+        # a direct client's own header: past the limit a 508, malformed the client's error (a 400, not a 5xx)
         r = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=CHAT, timeout=20,
-                       headers={"Authorization": f"Bearer {keys[0]}", "x-cborg-hops": "many"})
+                       headers={"Authorization": f"Bearer {keys[0]}", "x-cborg-hops": "99999999999999999999"})
         assert r.status_code == 508
+        for bad in ("many", "-1", "", "1.5", "\u00b2"):
+            r = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=CHAT, timeout=20,
+                           headers={"Authorization": f"Bearer {keys[0]}", "x-cborg-hops": bad.encode("latin-1")})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "x-cborg-hops", (bad, r.text)
         r = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json={**CHAT, "model": "xai/grok"},
                        timeout=20, headers={"Authorization": f"Bearer {keys[0]}"})
         assert r.status_code == 200, r.text

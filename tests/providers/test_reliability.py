@@ -195,6 +195,18 @@ def test_fallback_when_provider_fails(fallback_gw, fresh):
     assert text == "echo: again"
 
 
+def test_no_fallback_to_a_model_the_key_may_not_use(fallback_gw, fresh):
+    gw, _ = fallback_gw
+    key = gw.new_key(models=["anthropic/*"])        # may not use aws/claude-sonnet, the fallback
+    for _ in range(3):
+        fresh.anthropic.script.append(Scripted(529, {"type": "error", "error": {"type": "overloaded_error",
+                                                                                "message": "Overloaded"}}))
+    c = openai.OpenAI(api_key=key, base_url=gw.url, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as e:
+        c.chat.completions.create(model="anthropic/claude-sonnet", messages=[{"role": "user", "content": "hello"}])
+    assert e.value.status_code == 529 and len(fresh.bedrock.requests) == 0
+
+
 def test_no_fallback_on_client_error(fallback_gw, fresh):
     gw, key = fallback_gw
     c = openai.OpenAI(api_key=key, base_url=gw.url, max_retries=0)
