@@ -430,6 +430,8 @@ class MockOpenAI:
         if not isinstance(inp, list) or not inp:
             return openai_error(400, "'input' must be a string or a non-empty array", param="input")
         dims = body.get("dimensions") or 8
+        if type(dims) is not int or not 1 <= dims <= 3072:     # as OpenAI's text-embedding-3-large
+            return openai_error(400, "'dimensions' must be an integer from 1 to 3072", param="dimensions")
         data = []
         total = 0
         for i, t in enumerate(inp):
