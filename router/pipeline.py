@@ -226,8 +226,11 @@ class Pipeline:
         if inbound is None:
             apply_alias(route, op, body)
         call.prompt_estimate = estimate_tokens(raw)
-        if route.commercial:      # (free models have no budget to reserve against)
+        if route.commercial:      # (free models have no budget to reserve against, nor commercial fallbacks)
             call.reserve = worst_cost(route.model, body, call.prompt_estimate)
+            if route.model.fallbacks:     # any of them may serve it: hold what the priciest can cost
+                for r in self._candidates(call)[1:]:
+                    call.reserve = max(call.reserve, worst_cost(r.model, body, call.prompt_estimate))
         try:
             # Without an await where the limiter can answer at once (the in-process one, nearly always).
             adm = gw.limiter.admit_now(call)

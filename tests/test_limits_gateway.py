@@ -167,6 +167,25 @@ def test_budget_crossed_mid_stream_stops_next_request_not_current(tmp_path, fres
         assert len(free) == 2 and all(r["cost"] == 0 and r["prompt_tokens"] > 0 for r in free)
 
 
+def test_the_budget_hold_covers_the_priciest_fallback(tmp_path, fresh_mock):
+    def fallback_to_o1(conf):
+        for m in conf["models"]:
+            if m["name"] == "openai/gpt-4o-mini":
+                m["fallbacks"] = ["openai/o1"]
+    ask = {**CHAT, "model": "openai/gpt-4o-mini", "max_tokens": 1000}
+    fresh_mock.delay = 0.5                 # the first call still runs (and holds) when the second comes
+    with running_gateway(tmp_path, fresh_mock, edit=fallback_to_o1) as gw:
+        # gpt-4o-mini's 1,000 tokens cost at most $0.0007, o1's $0.06; o1 may serve it, so $0.06 is held
+        # and a second call at once does not fit a $0.01 budget (with $0.0007 held, it did)
+        key = gw.new_key("hold@lbl.gov", max_budget=0.01)
+        got = sorted(r.status_code for r in gw.run(burst([gw.url], key, 2, ask)))
+        assert got == [200, 429], got
+        # a key that may not use the fallback holds only what gpt-4o-mini can cost
+        key = gw.new_key("hold@lbl.gov", max_budget=0.01, models=["openai/gpt-4o-mini"])
+        got = [r.status_code for r in gw.run(burst([gw.url], key, 2, ask))]
+        assert got == [200, 200], got
+
+
 def test_user_budget_default_and_user_info(tmp_path, fresh_mock):
     def edit(conf):
         conf["limits"] = {"user": {"budget": 0.0001, "budget_period": "30d"}}
