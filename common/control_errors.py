@@ -41,6 +41,9 @@ def field_name(loc: tuple[Any, ...]) -> str:
     return out
 
 
+_NOT_OBJECT = "Request body must be a JSON object."
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """A one-line message for the client and the field it names (the first bad one)."""
     err = errors[0]
@@ -49,7 +52,7 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if typ == "json_invalid":
         return "Request body is not valid JSON.", None
     if loc == ("body",) and typ in ("missing", "model_attributes_type", "dict_type", "model_type"):
-        return "Request body must be a JSON object.", None
+        return _NOT_OBJECT, None
     name = field_name(loc)
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
@@ -81,6 +84,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> Response:
         msg, param = validation_message(list(e.errors()))
+        ctype = request.headers.get("content-type", "")
+        if msg == _NOT_OBJECT and ctype and "json" not in ctype:
+            # curl -d sends a form: FastAPI then reads the JSON as bytes, not as the object it is
+            msg = (f"Request body must be a JSON object sent as Content-Type: application/json (it came as "
+                   f"{ctype.split(';')[0][:80]}; with curl, add -H 'Content-Type: application/json').")
         return _response(400, error_body(msg, 400, code="invalid_request_error", param=param))
 
     @app.exception_handler(Exception)

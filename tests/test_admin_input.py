@@ -118,6 +118,14 @@ def test_arbitrary_json_in_every_admin_field_is_never_a_server_error(gw, path, b
         assert counts(gw) == before, (path, body)
 
 
+def test_a_json_body_sent_as_a_form_is_told_so(gw):
+    # curl -d '{...}' without -H: the body arrives as application/x-www-form-urlencoded
+    r = httpx.post(gw.url + "/key/generate", content=b'{"user_id": "f@lbl.gov"}',
+                   headers={"Authorization": f"Bearer {MASTER_KEY}",
+                            "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "Content-Type: application/json" in r.json()["error"]["message"], r.text
+
+
 def test_nesting_deeper_than_the_parsers_allow(gw):
     for depth in (255, 1024, 100_000):
         body = b'{"user_id": "d@lbl.gov", "metadata": ' + b'{"a":' * depth + b"1" + b"}" * depth + b"}"
