@@ -84,14 +84,16 @@ def is_master(master_key: str | None, headers: dict[bytes, bytes]) -> bool:
 
 
 def key_manager_role(email: str, domains: tuple[str, ...], admins: tuple[str, ...],
-                     verified: bool | None = None) -> str | None:
+                     verified: object = True) -> str | None:
     """Who someone the lab's identity provider vouches for is in the Key Manager: "admin" (their
     e-mail is in CBORG_ADMIN_EMAILS), "user" (an e-mail in CBORG_OIDC_ALLOWED_DOMAINS or a
     subdomain of one; any e-mail when none is set), or None: not let in. An e-mail the provider
-    says is not verified (email_verified false) is nobody's."""
+    does not say is verified (an email_verified claim that is anything but true) is nobody's."""
     email = email.strip().lower()
     at = email.rfind("@")
-    if verified is False or at <= 0:
+    # Some providers send the claim as a string, a number or null ("false", 0): only true lets in
+    # (a provider that sends no claim at all: see the caller).
+    if verified is not True or at <= 0:
         return None
     if email in admins:
         return "admin"

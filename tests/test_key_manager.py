@@ -3,6 +3,7 @@ sessions, sign-in refusals, the self-service rules, CSRF and hostile input on ev
 the admin pages' checks; and the settings and models.yaml section behind them."""
 from __future__ import annotations
 
+import html
 import os
 import re
 import stat
@@ -119,6 +120,12 @@ def test_refused_sign_ins(site, issuer):
     set_user(issuer, "unverified@lbl.gov", email_verified=False)
     r = sign_in(client(site), site.url, "unverified@lbl.gov")
     assert r.status_code == 403 and "may not use this service" in r.text
+    for i, claim in enumerate(("false", 0, "0", None, "yes")):     # some providers send strings
+        set_user(issuer, f"unverified{i}@lbl.gov", email_verified=claim)
+        r = sign_in(client(site), site.url, f"unverified{i}@lbl.gov")
+        assert r.status_code == 403, claim
+    set_user(issuer, "verified@lbl.gov", email_verified=True)
+    assert sign_in(client(site), site.url, "verified@lbl.gov").status_code == 200
     r = sign_in(client(site), site.url, "mallory@lbl.gov.evil.example")      # a look-alike domain
     assert r.status_code == 403
     # the provider says no
@@ -199,6 +206,17 @@ def test_self_service_keys_stay_within_the_labs_rules(site):
     assert make(alias="four").status_code == 201          # a revoked key makes room
 
 
+def test_a_blocked_key_is_no_way_to_a_new_one(site):
+    c, tok = signed_in(site, "blocked@lbl.gov")
+    assert c.post("/key/manage/keys", data={"csrf": tok, "alias": "mine"}).status_code == 201
+    [k] = keys_of(site, "blocked@lbl.gov")
+    assert site.admin("POST", "/key/block", json={"key": k.id}).status_code == 200
+    assert c.post(f"/key/manage/keys/{k.id}/revoke", data={"csrf": tok}).status_code == 303   # revoking is fine
+    r = c.post("/key/manage/keys", data={"csrf": tok, "alias": "again"})
+    assert r.status_code == 400 and "blocked one of your keys" in r.text
+    assert len(keys_of(site, "blocked@lbl.gov")) == 1
+
+
 def test_nobody_revokes_someone_elses_key(site):
     victim = site.new_key("victim@lbl.gov")
     rec = site.run(site.gw.store.key_by_hash(hash_key(victim)))
@@ -257,6 +275,15 @@ def test_user_limits_saved_and_reset_to_the_default(site):
     c.post("/key/manage/admin/user/limits", data={"csrf": tok, "user_id": "lim2@lbl.gov", "rpm_limit": "60"})
     info = site.admin("GET", "/user/info?user_id=lim2@lbl.gov").json()["user_info"]
     assert (info["max_budget"], info["budget_duration"], info["rpm_limit"]) == (50.0, "30d", 60)
+
+
+def test_saving_limits_returns_to_that_users_page(site):
+    c, tok = signed_in(site, ADMIN)
+    for user in ("first+ml@lbl.gov", "a&u=b@lbl.gov", "x#y@lbl.gov"):
+        r = c.post("/key/manage/admin/user/limits", data={"csrf": tok, "user_id": user, "rpm_limit": "5"},
+                   follow_redirects=True)
+        assert f"Limits of {html.escape(user)} saved" in notice(r), notice(r)
+        assert f"<h1>{html.escape(user)}</h1>" in r.text            # that user's page, not a look-alike's
 
 
 def test_hostile_queries_get_pages_not_errors(site):

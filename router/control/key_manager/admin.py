@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from pydantic import ValidationError
@@ -81,7 +82,7 @@ async def user_limits(request: Request):
     gw = gateway(request)
     data = {f: str(form.get(f) or "").strip() or None for f in LIMIT_FIELDS}
     data["user_id"] = str(form.get("user_id") or "")
-    to = f"{ADMIN}/user?u={data['user_id']}"
+    to = f"{ADMIN}/user?u={quote(data['user_id'], safe='@')}"     # an id with + & # is still that id
     try:
         body = validate(UserUpdate, data)       # the checks of /user/update: a blank field is the default
     except KeyInputError as e:

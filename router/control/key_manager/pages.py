@@ -94,8 +94,11 @@ async def new_key(request: Request):
                                       "models": models or spec.models, "duration": expiry,
                                       "metadata": {"created_via": "key manager"}})
         now = time.time()
-        held = [k for k in await gw.store.list_keys(v.email)     # (blocked ones count: no way round a block)
-                if k.revoked_at is None and (k.expires_at is None or k.expires_at > now)]
+        mine = [k for k in await gw.store.list_keys(v.email) if k.expires_at is None or k.expires_at > now]
+        if any(k.blocked for k in mine):    # revoked or not: no way round an admin's block
+            raise KeyInputError("An administrator has blocked one of your keys: ask them before you make "
+                                "new ones.")
+        held = [k for k in mine if k.revoked_at is None]
         if len(held) >= conf.max_keys_per_user:
             raise KeyInputError(f"You hold {len(held)} keys, the most allowed here: revoke one you no longer "
                                 "use first.")
