@@ -141,20 +141,22 @@ class Node:
             for p in old:
                 p.swap = {"to": to}
             new.swap = {"from": [p.dep.name for p in old]}
-            new.pending(f"waiting for {', '.join(p.dep.name for p in old) or 'nothing'} to drain")
+            token = new.pending(f"waiting for {', '.join(p.dep.name for p in old) or 'nothing'} to drain")
             for p in old:
                 p.begin_drain(f"swapping to {to}: waiting for in-flight requests")
-            self._spawn(self._swap(old, new))
+            self._spawn(self._swap(old, new, token))
             return self.status()
 
-    async def _swap(self, old: list[EngineProcess], new: EngineProcess) -> None:
+    async def _swap(self, old: list[EngineProcess], new: EngineProcess, token: object) -> None:
+        """Stop the old deployments, then start the new one, unless it was stopped meanwhile (an
+        unload, or a later swap that counted it among the old ones and is starting another)."""
         try:
             await asyncio.gather(*(p.stop(drain=True) for p in old))
-            new.start()
+            started = new.start_pending(token)
         finally:
             for p in old:
                 p.swap = None
-        while new.state == "loading":
+        while started and new.state == "loading":
             await asyncio.sleep(0.5)
         new.swap = None
 

@@ -95,6 +95,7 @@ class EngineProcess:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._prep: asyncio.subprocess.Process | None = None
+        self._pending: object | None = None  # a swap's promise to start it; stop() withdraws it
 
     # -- what the node reports ----------------------------------------------------------
     @property
@@ -131,6 +132,7 @@ class EngineProcess:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Begin loading (returns at once; the state says how it goes)."""
+        self._pending = None
         if self._task is not None and not self._task.done():
             return
         self._stopping = False
@@ -267,13 +269,24 @@ class EngineProcess:
         if self.state == "ready":
             self._set("draining", phase)
 
-    def pending(self, phase: str) -> None:
-        """Shown as loading before its start (a swap waits for the old deployment to go)."""
+    def pending(self, phase: str) -> object:
+        """Shown as loading before its start (a swap waits for the old deployment to go). Returns
+        the token to start it with (start_pending): an unload or another swap meanwhile voids it."""
         self._set("loading", phase)
+        self._pending = token = object()
+        return token
+
+    def start_pending(self, token: object) -> bool:
+        """Start it if what made it pending still stands; False if it was stopped since."""
+        if self._pending is not token:
+            return False
+        self.start()
+        return True
 
     async def stop(self, drain: bool = True) -> None:
         """Drain (gateways stop sending; in-flight requests finish, bounded wait), then end the
         process group and wait for it, so its memory is returned before this returns."""
+        self._pending = None
         if self.state == "stopped" and (self.proc is None or self.proc.poll() is not None):
             return
         self._stopping = True
