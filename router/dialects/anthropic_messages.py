@@ -68,8 +68,60 @@ def check(body: dict) -> None:
         if type(m) is not dict or m.get("role") not in ("user", "assistant", "system"):
             raise _bad(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         c = m.get("content")
-        if type(c) is not str and type(c) is not list:
+        if type(c) is list:
+            _check_blocks(c, f"messages.{i}.content")
+        elif type(c) is not str:
             raise _bad(f"messages.{i}.content: Input should be a valid string or list")
+    s = body.get("system")
+    if type(s) is list:
+        _check_blocks(s, "system")
+    elif s is not None and type(s) is not str:
+        raise _bad("system: Input should be a valid string or list")
+    tools = body.get("tools")
+    if tools is not None:
+        if type(tools) is not list:
+            raise _bad("tools: Input should be a valid list")
+        for k, t in enumerate(tools):
+            if type(t) is not dict:
+                raise _bad(f"tools.{k}: Input should be a valid dictionary")
+    for k in _OBJECTS:
+        v = body.get(k)
+        if v is not None and type(v) is not dict:
+            raise _bad(f"{k}: Input should be a valid dictionary")
+    th = body.get("thinking")
+    if th is not None and th.get("budget_tokens") is not None and type(th["budget_tokens"]) is not int:
+        raise _bad("thinking.budget_tokens: Input should be a valid integer")
+    for k in ("temperature", "top_p"):
+        v = body.get(k)
+        if v is not None and type(v) is not float and type(v) is not int:
+            raise _bad(f"{k}: Input should be a valid number")
+
+
+_OBJECTS = ("tool_choice", "thinking", "output_config", "metadata")
+
+
+def _check_blocks(blocks: list, where: str) -> None:
+    """Content blocks are objects with a string `type`, and the fields the translation reads have the
+    types it reads them as: a malformed block is the client's 400 here, not a crash further on. Plain type
+    checks, one pass (Claude Code sends hundreds of blocks)."""
+    for j, b in enumerate(blocks):
+        if type(b) is not dict:
+            raise _bad(f"{where}.{j}: Input should be a valid dictionary")
+        t = b.get("type")
+        if type(t) is not str:
+            raise _bad(f"{where}.{j}.type: Field required (a string)")
+        if "source" in b:
+            src = b["source"]
+            if type(src) is not dict:
+                raise _bad(f"{where}.{j}.source: Input should be a valid dictionary")
+            if src.get("type") == "content" and type(src.get("content")) not in (str, list, type(None)):
+                raise _bad(f"{where}.{j}.source.content: Input should be a valid string or list")
+        if t == "tool_result":
+            c = b.get("content")
+            if type(c) is list:
+                _check_blocks(c, f"{where}.{j}.content")
+            elif c is not None and type(c) is not str:
+                raise _bad(f"{where}.{j}.content: Input should be a valid string or list")
 
 
 def with_system(body: dict, prompt: str) -> None:
@@ -93,13 +145,15 @@ def _part(b: dict) -> dict | None:
         if type(text) is str and text:
             part = {"type": "text", "text": text}
     elif t == "image":
-        src = b.get("source") or {}
+        src = b.get("source")
+        src = src if type(src) is dict else {}      # (checked by `check`; a stray caller gets nothing)
         if src.get("type") == "base64":
             part = {"type": "image_url", "image_url": {"url": f"data:{src.get('media_type')};base64,{src.get('data')}"}}
         elif src.get("type") == "url":
             part = {"type": "image_url", "image_url": {"url": src.get("url")}}
     elif t == "document":
-        src = b.get("source") or {}
+        src = b.get("source")
+        src = src if type(src) is dict else {}
         if src.get("type") == "base64":
             part = {"type": "file", "file": {"filename": b.get("title") or "document.pdf",
                                              "file_data": f"data:{src.get('media_type')};base64,{src.get('data')}"}}
@@ -108,7 +162,8 @@ def _part(b: dict) -> dict | None:
         elif src.get("type") == "content":
             inner = src.get("content")
             text = inner if type(inner) is str else "\n".join(
-                x.get("text", "") for x in inner or () if type(x) is dict and x.get("type") == "text")
+                x.get("text") or "" for x in (inner if type(inner) is list else ())
+                if type(x) is dict and x.get("type") == "text" and type(x.get("text")) is str)
             part = {"type": "text", "text": text}
     if part is None:
         log.debug("anthropic_messages: %s block dropped (no chat counterpart)", t)
@@ -238,7 +293,7 @@ def _reasoning(body: dict, model: ModelConf, chat: dict) -> None:
         effort = "low" if budget < 2048 else "medium" if budget < 8192 else "high"
     if type(th) is dict and th.get("type") == "disabled":
         effort = None
-    if effort in _EFFORT and takes:
+    if type(effort) is str and effort in _EFFORT and takes:
         chat["reasoning_effort"] = _EFFORT[effort]
     fmt = oc.get("format") if type(oc) is dict else None
     if type(fmt) is dict and fmt.get("type") == "json_schema" and type(fmt.get("schema")) is dict:
@@ -438,7 +493,8 @@ def estimate_tokens(body: dict) -> int:
             total += 3
             stack.extend(v)
         elif type(v) is dict:
-            if v.get("type") in ("image", "document") and (v.get("source") or {}).get("type") in ("base64", "url"):
+            src = v.get("source")
+            if v.get("type") in ("image", "document") and type(src) is dict and src.get("type") in ("base64", "url"):
                 total += _IMAGE_TOKENS
                 continue
             for k, x in v.items():

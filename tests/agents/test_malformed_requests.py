@@ -1,0 +1,151 @@
+"""Malformed fields on the coding agents' APIs are the client's 400, in the API's own error shape, said
+before any upstream is called and with nothing counted: Anthropic's body on /v1/messages and
+/v1/messages/count_tokens (a block's `source` a string, `tools` a number), OpenAI's on /v1/responses
+(fields the Response echoes, such as `metadata`, nested deeper than the gateway can write back)."""
+from __future__ import annotations
+
+import json
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.helpers import hostile
+
+ANTHROPIC_H = {"anthropic-version": "2023-06-01"}
+HI = [{"role": "user", "content": "hi"}]
+TRANSLATED = ["openai/gpt-4o-mini", "lbl/llama"]
+
+
+def _messages_400(r: httpx.Response, *words: str) -> dict:
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    assert all(w in body["error"]["message"] for w in words), body
+    return body
+
+
+def _post(cgw, key, path, body):
+    return httpx.post(cgw.url + path, json=body, headers={"x-api-key": key, **ANTHROPIC_H}, timeout=30)
+
+
+def _block(**kw):
+    return [{"role": "user", "content": [kw]}]
+
+
+# (body fields, what the 400 names)
+MESSAGES_CASES = [
+    ({"messages": _block(type="image", source="x")}, "messages.0.content.0.source"),
+    ({"messages": _block(type="image", source=5)}, "messages.0.content.0.source"),
+    ({"messages": _block(type="image", source=["x"])}, "messages.0.content.0.source"),
+    ({"messages": _block(type="document", source=True)}, "messages.0.content.0.source"),
+    ({"messages": _block(type="document", source={"type": "content", "content": 5})},
+     "messages.0.content.0.source.content"),
+    ({"messages": _block(type="tool_result", tool_use_id="t", content=[{"type": "image", "source": "x"}])},
+     "messages.0.content.0.content.0.source"),
+    ({"messages": _block(type="tool_result", tool_use_id="t", content=5)}, "messages.0.content.0.content"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content.0"),
+    ({"messages": _block(text="no type")}, "messages.0.content.0.type"),
+    ({"messages": HI, "tools": 5}, "tools"),
+    ({"messages": HI, "tools": ["x"]}, "tools.0"),
+    ({"messages": HI, "system": [5]}, "system.0"),
+    ({"messages": HI, "system": 5}, "system"),
+    ({"messages": HI, "tool_choice": "auto"}, "tool_choice"),
+    ({"messages": HI, "thinking": "on"}, "thinking"),
+    ({"messages": HI, "thinking": {"type": "enabled", "budget_tokens": "many"}}, "thinking.budget_tokens"),
+    ({"messages": HI, "output_config": {"effort": ["high"]}}, None),    # (a list effort: dropped, not a crash)
+    ({"messages": HI, "temperature": "hot"}, "temperature"),
+]
+
+
+@pytest.mark.parametrize("model", TRANSLATED)
+@pytest.mark.parametrize("fields,names", MESSAGES_CASES)
+def test_malformed_messages_are_anthropic_400s_before_any_upstream_call(cgw, ckey, fresh, model, fields, names):
+    r = _post(cgw, ckey, "/v1/messages", {"model": model, "max_tokens": 10, **fields})
+    if names is None:
+        assert r.status_code == 200, r.text[:300]
+        return
+    _messages_400(r, names)
+    assert fresh.openai.requests == []
+    r = _post(cgw, ckey, "/v1/messages/count_tokens", {"model": model, **fields})
+    _messages_400(r, names)
+
+
+def test_the_anthropic_sdk_raises_bad_request_on_them(cgw, ckey, fresh):
+    client = anthropic.Anthropic(api_key=ckey, base_url=cgw.url, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model="openai/gpt-4o-mini", max_tokens=10,
+                               messages=_block(type="image", source="x"))
+    assert "source" in e.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.count_tokens(model="lbl/llama", messages=HI, tools=5)
+
+
+def test_native_passthrough_is_checked_alike(cgw, ckey, fresh):
+    """anthropic/* gets the same 400 (Anthropic itself refuses these), without a round trip."""
+    _messages_400(_post(cgw, ckey, "/v1/messages", {"model": "anthropic/claude-haiku", "max_tokens": 10,
+                                                     "messages": _block(type="image", source="x")}), "source")
+    _messages_400(_post(cgw, ckey, "/v1/messages/count_tokens", {"model": "anthropic/claude-haiku",
+                                                                  "messages": HI, "tools": 5}), "tools")
+    assert fresh.anthropic.requests == []
+
+
+def test_good_blocks_still_pass(cgw, ckey, fresh):
+    """What Claude Code sends (tool results with text and images, documents, cache_control) is unchanged."""
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    msgs = [{"role": "user", "content": [
+                {"type": "text", "text": "look", "cache_control": {"type": "ephemeral"}},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc"}},
+                {"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "c"}]}}]},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+                {"type": "text", "text": "out"}, {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]}]}]
+    tools = [{"name": "f", "input_schema": {"type": "object", "properties": {}}}]
+    for path in ("/v1/messages", "/v1/messages/count_tokens"):
+        r = _post(cgw, ckey, path, {"model": "openai/gpt-4o", "max_tokens": 10, "messages": msgs, "tools": tools,
+                                    "system": [{"type": "text", "text": "sys"}], "tool_choice": {"type": "auto"},
+                                    "thinking": {"type": "enabled", "budget_tokens": 4096}})
+        assert r.status_code == 200, r.text[:300]
+
+
+def test_an_unexpected_error_is_answered_in_anthropic_shape(cgw, ckey, fresh, monkeypatch):
+    from router.dialects import anthropic_messages as am
+
+    def broken(body):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(am, "estimate_tokens", broken)
+    r = _post(cgw, ckey, "/v1/messages/count_tokens", {"model": "openai/gpt-4o", "messages": HI})
+    assert r.status_code == 500
+    assert r.json() == {"type": "error", "error": {"type": "api_error", "message": "Internal server error."}}
+    assert "a bug" not in r.text
+
+
+ANY = hostile.json_values(["image", "document", "text", "tool_result", "tool_use", "base64", "url", "content"],
+                          nonfinite=False, text_size=8, key_size=8, max_leaves=8)
+BLOCK_KEYS = st.sampled_from(["type", "source", "content", "text", "input", "name", "id", "tool_use_id",
+                              "cache_control", "title", "is_error"])
+BLOCK = st.dictionaries(BLOCK_KEYS, ANY, max_size=4) | st.fixed_dictionaries(
+    {"type": st.sampled_from(["image", "document", "tool_result"]),
+     "source": ANY | st.fixed_dictionaries({"type": st.sampled_from(["base64", "url", "text", "content"]),
+                                            "content": ANY, "data": ANY})})
+FIELDS = st.fixed_dictionaries({}, optional={
+    "system": ANY | st.lists(BLOCK, max_size=2), "tools": ANY | st.lists(st.dictionaries(BLOCK_KEYS, ANY), max_size=2),
+    "tool_choice": ANY, "thinking": ANY, "output_config": ANY, "temperature": ANY, "top_p": ANY})
+
+
+@given(blocks=st.lists(BLOCK | ANY, min_size=1, max_size=3), fields=FIELDS,
+       role=st.sampled_from(["user", "assistant"]), path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]),
+       model=st.sampled_from([*TRANSLATED, "anthropic/claude-haiku"]))
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
+def test_any_block_is_never_a_server_error(cgw, ckey, blocks, fields, role, path, model):
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": role, "content": blocks}], **fields}
+    r = _post(cgw, ckey, path, body)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        err = r.json()
+        assert err["type"] == "error" and set(err["error"]) == {"type", "message"}, err
