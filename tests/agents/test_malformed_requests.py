@@ -149,3 +149,100 @@ def test_any_block_is_never_a_server_error(cgw, ckey, blocks, fields, role, path
     if r.status_code >= 400:
         err = r.json()
         assert err["type"] == "error" and set(err["error"]) == {"type", "message"}, err
+
+
+# -- /v1/responses ----------------------------------------------------------------------------------
+RESPONSES_MODELS = ["lbl/llama", "anthropic/claude-haiku", "openai/gpt-4o-mini"]
+ECHOED = ["metadata", "tools", "tool_choice", "user", "store", "parallel_tool_calls", "text", "reasoning",
+          "temperature", "max_output_tokens"]
+
+
+def _openai_400(r: httpx.Response, param: str) -> dict:
+    """A 400 in OpenAI's shape whose param is `param` (or an item of it: tools[0])."""
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error", err
+    assert err["param"] == param or err["param"].startswith(param + "["), err
+    return err
+
+
+def _responses(cgw, key, body):
+    from tests.providers.test_bad_fields import dumps
+    return httpx.post(cgw.url + "/v1/responses", content=dumps(body), timeout=30,
+                      headers={"Authorization": f"Bearer {key}", "content-type": "application/json"})
+
+
+def _no_upstream_call(mocks):
+    assert mocks.openai.requests == [] and mocks.anthropic.requests == []
+
+
+@pytest.mark.parametrize("model", RESPONSES_MODELS)
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("field", ECHOED)
+def test_echoed_fields_nested_deep_are_400s_before_the_upstream(cgw, ckey, fresh, model, stream, field):
+    """JSON nested 255-1,024 levels (orjson reads it, cannot write it back) where the Response echoes it:
+    before, a 502 after the upstream was called (or a stream cut mid-chunk)."""
+    from tests.providers.test_bad_fields import nested
+    r = _responses(cgw, ckey, {"model": model, "input": "hi", "max_output_tokens": 20, "stream": stream,
+                               field: nested(300)})
+    _openai_400(r, field)
+    _no_upstream_call(fresh)
+
+
+@pytest.mark.parametrize("model", RESPONSES_MODELS)
+def test_deep_values_inside_echoed_objects(cgw, ckey, fresh, model):
+    """A hosted tool or a text.format key the chat request does not carry still has to be written back."""
+    from tests.providers.test_bad_fields import nested
+    for extra in ({"tools": [{"type": "web_search", "filters": nested(300)}]},
+                  {"tools": [{"type": "function", "name": "f", "x": nested(300)}]},
+                  {"tool_choice": {"type": "function", "name": "f", "x": nested(300)}},
+                  {"text": {"format": {"type": "text", "x": nested(300)}}}):
+        for stream in (False, True):
+            r = _responses(cgw, ckey, {"model": model, "input": "hi", "stream": stream, **extra})
+            assert r.status_code == 400, (extra, r.text[:300])
+            assert "nested" in r.json()["error"]["message"]
+    _no_upstream_call(fresh)
+
+
+@pytest.mark.parametrize("metadata,param", [
+    ({f"k{i}": "v" for i in range(17)}, "metadata"),
+    ({"k" * 65: "v"}, "metadata"),
+    ({"k": "v" * 513}, "metadata.k"),
+    ({"k": 5}, "metadata.k"),
+    ({"k": {"a": "b"}}, "metadata.k"),
+    (["k", "v"], "metadata"),
+])
+def test_metadata_as_openai_documents_it(cgw, ckey, fresh, metadata, param):
+    for model in RESPONSES_MODELS:
+        _openai_400(_responses(cgw, ckey, {"model": model, "input": "hi", "metadata": metadata}), param)
+    _no_upstream_call(fresh)
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"user": 5}, "user"), ({"store": "yes"}, "store"), ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+    ({"tools": {"type": "function"}}, "tools"), ({"tools": ["f"]}, "tools[0]"), ({"tool_choice": 5}, "tool_choice"),
+    ({"max_output_tokens": "20"}, "max_output_tokens"), ({"max_output_tokens": True}, "max_output_tokens"),
+    ({"temperature": "hot"}, "temperature"), ({"reasoning": {"effort": ["high"]}}, "reasoning.effort"),
+    ({"text": {"format": "json"}}, "text.format"), ({"reasoning": "high"}, "reasoning"),
+])
+def test_wrong_types_are_openai_400s(cgw, ckey, fresh, fields, param):
+    client = openai.OpenAI(api_key=ckey, base_url=cgw.url + "/v1", max_retries=0)
+    for model in RESPONSES_MODELS:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model=model, input="hi", **fields)
+        assert e.value.body["param"] == param and e.value.body["code"] == "invalid_type", e.value.body
+    _no_upstream_call(fresh)
+
+
+def test_good_fields_are_echoed(cgw, ckey, fresh):
+    client = openai.OpenAI(api_key=ckey, base_url=cgw.url + "/v1", max_retries=0)
+    md = {f"k{i}": "v" * 512 for i in range(15)} | {"k" * 64: ""}
+    for model in ("lbl/llama", "anthropic/claude-haiku"):
+        r = client.responses.create(model=model, input="hi", metadata=md, user="u", store=False,
+                                    parallel_tool_calls=False, tool_choice="auto", temperature=0.5, top_p=1,
+                                    max_output_tokens=50, reasoning={"effort": "low", "summary": None},
+                                    text={"format": {"type": "text"}},
+                                    tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}},
+                                           {"type": "web_search"}])
+        assert r.metadata == md and r.user == "u" and r.store is False and r.parallel_tool_calls is False
+        assert r.status == "completed"

@@ -91,7 +91,9 @@ def test_messages_api_answers_in_its_own_shape(cgw, ckey, fresh):
 
 
 def test_responses_api(cgw, ckey, fresh):
-    for body, word in (({"stream": "yes"}, "stream"), ({"metadata": nested(600)}, "nested")):
+    deep_tool = [{"type": "function", "name": "f", "parameters": {"type": "object", "default": nested(600)}}]
+    for body, word in (({"stream": "yes"}, "stream"), ({"tools": deep_tool}, "nested"),
+                       ({"metadata": nested(600)}, "metadata")):
         openai_400(post(cgw, ckey, "/v1/responses", {"model": MODELS["openai"], "input": "hi", **body}), word)
 
 
