@@ -30,7 +30,7 @@ from common.asgi import HTTPError
 from ..catalog import ModelConf
 from ..providers.base import cached_usage
 from ..sse import parse_event
-from . import ChunkEvents, NativeRelay
+from . import ChunkEvents, NativeRelay, _details, count
 
 log = logging.getLogger("cborg.dialects")
 
@@ -329,13 +329,14 @@ def to_chat(body: dict, model: ModelConf) -> dict:
 
 # -- response -------------------------------------------------------------------------------------
 def usage_out(u: dict | None) -> dict:
-    """OpenAI usage (prompt_tokens includes cache reads and writes) -> Anthropic usage."""
-    u = u or {}
-    read = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    return {"input_tokens": max((u.get("prompt_tokens") or 0) - read - write, 0),
+    """OpenAI usage (prompt_tokens includes cache reads and writes; checked by the caller, as billed) ->
+    Anthropic usage."""
+    u = u if type(u) is dict else {}
+    read = count(_details(u, "prompt_tokens_details").get("cached_tokens"))
+    write = count(u.get("cache_creation_input_tokens"))
+    return {"input_tokens": max(count(u.get("prompt_tokens")) - read - write, 0),
             "cache_creation_input_tokens": write, "cache_read_input_tokens": read,
-            "output_tokens": u.get("completion_tokens") or 0}
+            "output_tokens": count(u.get("completion_tokens"))}
 
 
 def _msg_id(chat_id: str | None) -> str:
@@ -507,7 +508,7 @@ def estimate_tokens(body: dict) -> int:
 # -- native pass-through (anthropic/*) ------------------------------------------------------------
 def usage_in(u: dict | None) -> dict:
     """Anthropic usage -> the OpenAI usage the accounting reads (prompt_tokens includes cache reads and writes)."""
-    u = u or {}
+    u = u if type(u) is dict else {}
     return cached_usage(u.get("input_tokens") or 0, u.get("cache_read_input_tokens") or 0,
                         u.get("cache_creation_input_tokens") or 0, u.get("output_tokens") or 0)
 

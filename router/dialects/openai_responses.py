@@ -29,7 +29,7 @@ from common.asgi import HTTPError
 
 from ..catalog import ModelConf
 from ..sse import parse_event
-from . import ChunkEvents, NativeRelay
+from . import ChunkEvents, NativeRelay, _details, count
 
 log = logging.getLogger("cborg.dialects")
 
@@ -296,23 +296,25 @@ def to_chat(body: dict, model: ModelConf, items: list[dict]) -> dict:
 
 # -- response -------------------------------------------------------------------------------------
 def usage_out(u: dict | None) -> dict:
-    """OpenAI chat usage -> Responses usage."""
-    u = u or {}
-    p, c = u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0
+    """OpenAI chat usage (checked by the caller, as billed) -> Responses usage."""
+    u = u if type(u) is dict else {}
+    p, c = count(u.get("prompt_tokens")), count(u.get("completion_tokens"))
     return {"input_tokens": p,
-            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0},
+            "input_tokens_details": {"cached_tokens": count(_details(u, "prompt_tokens_details").get("cached_tokens"))},
             "output_tokens": c,
             "output_tokens_details": {"reasoning_tokens":
-                                      (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
+                                      count(_details(u, "completion_tokens_details").get("reasoning_tokens"))},
             "total_tokens": p + c}
 
 
 def usage_in(u: dict | None) -> dict:
-    """Responses usage (a native answer) -> the OpenAI chat usage the accounting reads."""
-    u = u or {}
+    """Responses usage (a native answer) -> the OpenAI chat usage the accounting reads (which checks the
+    counts, so odd ones are kept for it to name)."""
+    u = u if type(u) is dict else {}
     p, c = u.get("input_tokens") or 0, u.get("output_tokens") or 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens") or 0}}
+    return {"prompt_tokens": p, "completion_tokens": c,
+            "total_tokens": p + c if type(p) is int and type(c) is int else 0,
+            "prompt_tokens_details": {"cached_tokens": _details(u, "input_tokens_details").get("cached_tokens") or 0}}
 
 
 def _output_item(kind: str | None, call_id: str, name: str, arguments: str) -> dict:
