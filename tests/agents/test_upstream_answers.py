@@ -1,7 +1,10 @@
 """An upstream's odd answers through all three inbound APIs (chat completions, Messages, Responses),
-translated from an OpenAI-compatible upstream (the scripted OpenAI mock behind openai/* and lbl/*): its
-usage, however malformed (a list, a string count, negative, huge), never breaks a response or a stream,
-and the client is told the numbers that are billed (the ledger row)."""
+translated from an OpenAI-compatible upstream (the scripted OpenAI mock behind openai/* and lbl/*):
+
+- its usage, however malformed (a list, a string count, negative, huge), never breaks a response or a
+  stream, and the client is told the numbers that are billed (the ledger row);
+- a whole JSON answer to a stream request is a clear error event saying so, never an empty success or
+  raw JSON passed off as events."""
 from __future__ import annotations
 
 import json
@@ -117,3 +120,32 @@ def test_any_usage_never_breaks_an_answer(cgw, ckey, mocks, usage, path, stream,
         return     # (passed through to OpenAI as it is: the mock's Responses API reports its own usage)
     _check(cgw, mocks, ckey, usage, path, model, stream)
 
+
+WHOLE = {"id": "chatcmpl-1", "object": "chat.completion", "model": "m", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "THE ANSWER"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+
+
+@pytest.mark.parametrize("model", ["lbl/llama", "openai/gpt-4o-mini"])
+@pytest.mark.parametrize("path", PATHS)
+def test_a_whole_json_answer_to_a_stream_request_is_an_error_event(cgw, ckey, fresh, path, model):
+    """Before: an empty successful stream (the answer lost), or for openai/* on /v1/responses the JSON
+    relayed as if it were events."""
+    fresh.openai.script[:] = [Scripted(status=200, body=WHOLE)]
+    r = _call(cgw, ckey, path, model, True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _events(r.text)
+    assert events, r.text
+    last = events[-1]
+    if path == "/v1/chat/completions":
+        msg = last["error"]["message"]
+    elif path == "/v1/messages":
+        assert last["type"] == "error" and last["error"]["type"] == "api_error"
+        msg = last["error"]["message"]
+    else:
+        assert last["type"] == "response.failed"
+        msg = last["response"]["error"]["message"]
+    assert "not an event stream" in msg and "application/json" in msg, msg
+    assert TERMINAL[path] not in r.text
+    row = _row(cgw, r)
+    assert row["status"] == 502 and row["cost"] == 0
