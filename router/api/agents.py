@@ -67,6 +67,7 @@ class _CountRequest(MessagesCall):
     def parse(self, raw: bytes) -> dict:
         self.body = body = parse_object(raw)
         am.check({**body, "max_tokens": 1})
+        am.check_blocks(body)
         return body
 
 

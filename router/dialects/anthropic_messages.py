@@ -68,14 +68,10 @@ def check(body: dict) -> None:
         if type(m) is not dict or m.get("role") not in ("user", "assistant", "system"):
             raise _bad(f"messages.{i}.role: Input should be 'user' or 'assistant'")
         c = m.get("content")
-        if type(c) is list:
-            _check_blocks(c, f"messages.{i}.content")
-        elif type(c) is not str:
+        if type(c) is not str and type(c) is not list:
             raise _bad(f"messages.{i}.content: Input should be a valid string or list")
     s = body.get("system")
-    if type(s) is list:
-        _check_blocks(s, "system")
-    elif s is not None and type(s) is not str:
+    if s is not None and type(s) is not str and type(s) is not list:
         raise _bad("system: Input should be a valid string or list")
     tools = body.get("tools")
     if tools is not None:
@@ -98,23 +94,59 @@ def check(body: dict) -> None:
 
 
 _OBJECTS = ("tool_choice", "thinking", "output_config", "metadata")
+_TEXTS = (str, list, type(None))
+
+
+def _blocks_ok(blocks: list) -> bool:
+    """Content blocks are objects with a string `type`, and the fields the translation reads have the
+    types it reads them as (a source an object, a tool result's content a string or blocks). The fast
+    pass, plain type checks (Claude Code sends hundreds of blocks); `_check_blocks` names what is wrong."""
+    for b in blocks:
+        if type(b) is not dict:
+            return False
+        t = b.get("type")
+        if t == "text" or t == "tool_use":      # the common blocks: nothing more is read by type
+            continue
+        if type(t) is not str:
+            return False
+        src = b.get("source")
+        if src is not None and (type(src) is not dict
+                                or src.get("type") == "content" and type(src.get("content")) not in _TEXTS):
+            return False
+        if t == "tool_result":
+            c = b.get("content")
+            if c is not None and type(c) is not str and (type(c) is not list or not _blocks_ok(c)):
+                return False
+    return True
+
+
+def check_blocks(body: dict) -> None:
+    """The content blocks of a request `check` passed, for what reads them (the translation, count_tokens);
+    a native pass-through leaves them to Anthropic, sparing Claude Code's long conversations the walk."""
+    for i, m in enumerate(body["messages"]):
+        c = m["content"]
+        if type(c) is list and not _blocks_ok(c):
+            _check_blocks(c, f"messages.{i}.content")
+    s = body.get("system")
+    if type(s) is list and not _blocks_ok(s):
+        _check_blocks(s, "system")
 
 
 def _check_blocks(blocks: list, where: str) -> None:
-    """Content blocks are objects with a string `type`, and the fields the translation reads have the
-    types it reads them as: a malformed block is the client's 400 here, not a crash further on. Plain type
-    checks, one pass (Claude Code sends hundreds of blocks)."""
+    """The 400 naming the first block `_blocks_ok` refuses, Anthropic's way (messages.0.content.1.source)."""
     for j, b in enumerate(blocks):
         if type(b) is not dict:
             raise _bad(f"{where}.{j}: Input should be a valid dictionary")
         t = b.get("type")
+        if t == "text" or t == "tool_use":
+            continue
         if type(t) is not str:
             raise _bad(f"{where}.{j}.type: Field required (a string)")
-        if "source" in b:
-            src = b["source"]
+        src = b.get("source")
+        if src is not None:
             if type(src) is not dict:
                 raise _bad(f"{where}.{j}.source: Input should be a valid dictionary")
-            if src.get("type") == "content" and type(src.get("content")) not in (str, list, type(None)):
+            if src.get("type") == "content" and type(src.get("content")) not in _TEXTS:
                 raise _bad(f"{where}.{j}.source.content: Input should be a valid string or list")
         if t == "tool_result":
             c = b.get("content")
@@ -306,6 +338,7 @@ _KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream
 
 def to_chat(body: dict, model: ModelConf) -> dict:
     """A Messages request (checked by `check`) -> an OpenAI chat request for `model`'s provider."""
+    check_blocks(body)
     chat: dict = {"model": body["model"], "messages": _messages(body),
                   "max_tokens": min(body["max_tokens"], model.max_output_tokens)}
     for k in ("temperature", "top_p"):
