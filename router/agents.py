@@ -22,6 +22,7 @@ import orjson
 
 from common.asgi import HTTPError
 
+from .accounting.usage import valid_usage
 from .catalog import Route
 from .dialects import anthropic_messages as am
 from .dialects import openai_responses as ro
@@ -104,12 +105,24 @@ class MessagesCall(Inbound):
                 raise ValueError("upstream response is not an Anthropic message")
             return data, am.usage_in(obj.get("usage"))
         chat = ad.parse(route, "chat", data)
-        return orjson.dumps(am.from_chat(chat)), chat.get("usage")
+        return orjson.dumps(am.from_chat(checked_usage(chat, route))), chat.get("usage")
 
     def stream(self, ad, route: Route, estimate: int):
         if self.native(route):
             return am.NativeStream()
         return am.MessagesStream(ad.stream(route, "chat"), route.model.model, estimate)
+
+
+def checked_usage(chat: dict, route: Route) -> dict:
+    """A chat completion whose usage is checked (in place) as the accounting checks it, before a dialect
+    shows it: the client is told what is billed. (The accounting's check of the same dict then finds
+    nothing to change.)"""
+    u = chat.get("usage")
+    if type(u) is dict:
+        valid_usage(u, f"{route.provider_name} ({route.name})")
+    elif u is not None:
+        chat["usage"] = None
+    return chat
 
 
 def _not_found(rid: str, param: str | None = None) -> HTTPError:
@@ -192,7 +205,7 @@ class ResponsesCall(Inbound):
             self.native_id = obj.get("id") if obj.get("object") == "response" else None
             return data, ro.usage_in(obj.get("usage"))
         chat = ad.parse(route, "chat", data)
-        self.final = ro.from_chat(chat, self.body, self.rid)
+        self.final = ro.from_chat(checked_usage(chat, route), self.body, self.rid)
         self.final_json = orjson.dumps(self.final)
         return self.final_json, chat.get("usage")
 

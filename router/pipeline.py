@@ -44,6 +44,7 @@ _NODE_REPICKS = 3      # replicas of a local model tried when engines are found 
 MAX_HOPS = 4           # gateways a request may pass through (x-cborg-hops): a chain longer than this is a loop
 _HOP_PROTOCOLS = frozenset(("openai", "anthropic"))   # the upstream APIs another CBorg gateway can be behind
 _HOPS = [(b"x-cborg-hops", b"%d" % n) for n in range(MAX_HOPS + 1)]
+_NOT_STREAMS = frozenset(("application/json", "text/html"))   # a stream request's answer that is not a stream
 
 
 class _EngineGone(Exception):
@@ -462,6 +463,11 @@ class Pipeline:
         inbound = call.inbound
         tr = ad.stream(route, call.op) if inbound is None else inbound.stream(ad, route, call.prompt_estimate)
         try:
+            ct = (resp.header("content-type") or "").partition(";")[0].strip().lower()
+            if ct in _NOT_STREAMS and not ad.__dict__.get("READS_WHOLE_ANSWERS"):
+                # An upstream that ignored "stream": its whole answer would be lost or passed off as events.
+                raise StreamError(f"the upstream answered a stream request with a whole response ({ct}), "
+                                  "not an event stream; ask again without streaming.")
             async for data in resp.chunks():
                 out = tr.feed(data)
                 if out:

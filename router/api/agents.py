@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from common.asgi import App, HTTPError, Request, Response, json_response
+from common.asgi import App, ClientDisconnected, HTTPError, Request, Response, json_response
 
 from .. import upstream_errors
 from ..agents import MessagesCall, ResponsesCall, owned_response
 from ..auth import bearer_token
 from ..dialects import anthropic_messages as am
-from ..pipeline import apply_alias, apply_defaults, parse_object
+from ..pipeline import TOO_DEEP, apply_alias, apply_defaults, parse_object
 from ..providers import adapter
 from ..upstream import Timeouts, UpstreamError
 
@@ -33,6 +33,20 @@ log = logging.getLogger("cborg.agents")
 
 def anthropic_error(e: HTTPError) -> Response:
     return Response(am.error_body(e.status, e.message), e.status, list(e.headers))
+
+
+async def _in_anthropic_shape(handler, req: Request):
+    """A Messages route's answer; its errors in Anthropic's shape, an unexpected one too (common/asgi.App
+    knows only OpenAI's), logged as the App would."""
+    try:
+        return await handler(req)
+    except HTTPError as e:
+        return anthropic_error(e)
+    except ClientDisconnected:
+        raise
+    except Exception:  # noqa: BLE001 - never leak internals to the client
+        log.exception("unhandled error on %s %s", req.method, req.path)
+        return anthropic_error(HTTPError(500, "Internal server error."))
 
 
 async def exchange(gw: "Gateway", ep: "Endpoint", route: "Route", method: bytes, path: str,
@@ -53,6 +67,7 @@ class _CountRequest(MessagesCall):
     def parse(self, raw: bytes) -> dict:
         self.body = body = parse_object(raw)
         am.check({**body, "max_tokens": 1})
+        am.check_blocks(body)
         return body
 
 
@@ -60,16 +75,10 @@ def register(app: App, gw: "Gateway") -> None:
     pipeline = gw.pipeline
 
     async def messages(req: Request):
-        try:
-            return await pipeline.handle(req, "chat", MessagesCall(gw, req.headers))
-        except HTTPError as e:
-            return anthropic_error(e)
+        return await _in_anthropic_shape(lambda r: pipeline.handle(r, "chat", MessagesCall(gw, r.headers)), req)
 
     async def count_tokens(req: Request):
-        try:
-            return await _count_tokens(gw, req)
-        except HTTPError as e:
-            return anthropic_error(e)
+        return await _in_anthropic_shape(lambda r: _count_tokens(gw, r), req)
 
     async def responses(req: Request):
         return await pipeline.handle(req, "chat", ResponsesCall(gw, req.headers))
@@ -100,7 +109,10 @@ async def _count_tokens(gw: "Gateway", req: Request) -> Response:
             apply_defaults(route, body)
             if route.system_prompt:
                 am.with_system(body, route.system_prompt)
-            ureq = adapter("anthropic").native(ep, route, "/v1/messages/count_tokens", body, req.headers)
+            try:
+                ureq = adapter("anthropic").native(ep, route, "/v1/messages/count_tokens", body, req.headers)
+            except (orjson.JSONEncodeError, RecursionError):    # orjson reads 1,024 levels, writes 254
+                raise HTTPError(400, TOO_DEEP, code="invalid_json") from None
             status, data = await exchange(gw, ep, route, b"POST", ureq.path, ureq.headers, ureq.body)
             if status >= 400:
                 raise upstream_errors.from_response(status, data, None, adapter("anthropic").error_message(status, data),
@@ -110,14 +122,22 @@ async def _count_tokens(gw: "Gateway", req: Request) -> Response:
             body = dict(body)
             am.with_system(body, route.system_prompt)
         if route.provider.local:
-            chat = am.to_chat({**body, "max_tokens": 1}, route.model)
-            apply_alias(route, "chat", chat)
-            tok = {"model": ep.extra.get("served_model") or route.model.model, "messages": chat["messages"]}
-            ad = adapter("openai")
-            status, data = await exchange(gw, ep, route, b"POST", "/tokenize", ad.headers_for(ep), orjson.dumps(tok))
+            try:
+                chat = am.to_chat({**body, "max_tokens": 1}, route.model)
+                apply_alias(route, "chat", chat)
+                payload = orjson.dumps({"model": ep.extra.get("served_model") or route.model.model,
+                                        "messages": chat["messages"]})
+            except (orjson.JSONEncodeError, RecursionError):
+                raise HTTPError(400, TOO_DEEP, code="invalid_json") from None
+            status, data = await exchange(gw, ep, route, b"POST", "/tokenize", adapter("openai").headers_for(ep),
+                                          payload)
             if status == 200:
-                count = orjson.loads(data).get("count")
-                if type(count) is int:
+                try:
+                    obj = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    obj = None
+                count = obj.get("count") if type(obj) is dict else None
+                if type(count) is int and count >= 0:
                     return json_response({"input_tokens": count})
             log.debug("count_tokens: %s has no tokenizer endpoint (HTTP %d): estimating", route.name, status)
         return json_response({"input_tokens": am.estimate_tokens(body)})

@@ -16,6 +16,18 @@ import orjson
 from ..sse import SSESplitter
 
 
+def count(v) -> int:
+    """A token count to show a client: the final usage reaches a dialect already checked (accounting's
+    `valid_usage`, what is billed); this guards what may come before it (message_start's input count) or
+    around it, so that an upstream's odd number is a 0, never a crash mid-stream."""
+    return v if type(v) is int and v >= 0 else 0
+
+
+def _details(u: dict, name: str) -> dict:
+    d = u.get(name)
+    return d if type(d) is dict else {}
+
+
 class ChunkEvents:
     """Base of a dialect's stream over a provider's chat-chunk translator: the pipeline reads the inner
     translator's usage and error; each OpenAI chunk (or error event) goes to `_chunk` (or `fail`)."""

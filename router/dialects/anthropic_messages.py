@@ -30,7 +30,7 @@ from common.asgi import HTTPError
 from ..catalog import ModelConf
 from ..providers.base import cached_usage
 from ..sse import parse_event
-from . import ChunkEvents, NativeRelay
+from . import ChunkEvents, NativeRelay, _details, count
 
 log = logging.getLogger("cborg.dialects")
 
@@ -70,6 +70,90 @@ def check(body: dict) -> None:
         c = m.get("content")
         if type(c) is not str and type(c) is not list:
             raise _bad(f"messages.{i}.content: Input should be a valid string or list")
+    s = body.get("system")
+    if s is not None and type(s) is not str and type(s) is not list:
+        raise _bad("system: Input should be a valid string or list")
+    tools = body.get("tools")
+    if tools is not None:
+        if type(tools) is not list:
+            raise _bad("tools: Input should be a valid list")
+        for k, t in enumerate(tools):
+            if type(t) is not dict:
+                raise _bad(f"tools.{k}: Input should be a valid dictionary")
+    for k in _OBJECTS:
+        v = body.get(k)
+        if v is not None and type(v) is not dict:
+            raise _bad(f"{k}: Input should be a valid dictionary")
+    th = body.get("thinking")
+    if th is not None and th.get("budget_tokens") is not None and type(th["budget_tokens"]) is not int:
+        raise _bad("thinking.budget_tokens: Input should be a valid integer")
+    for k in ("temperature", "top_p"):
+        v = body.get(k)
+        if v is not None and type(v) is not float and type(v) is not int:
+            raise _bad(f"{k}: Input should be a valid number")
+
+
+_OBJECTS = ("tool_choice", "thinking", "output_config", "metadata")
+_TEXTS = (str, list, type(None))
+
+
+def _blocks_ok(blocks: list) -> bool:
+    """Content blocks are objects with a string `type`, and the fields the translation reads have the
+    types it reads them as (a source an object, a tool result's content a string or blocks). The fast
+    pass, plain type checks (Claude Code sends hundreds of blocks); `_check_blocks` names what is wrong."""
+    for b in blocks:
+        if type(b) is not dict:
+            return False
+        t = b.get("type")
+        if t == "text" or t == "tool_use":      # the common blocks: nothing more is read by type
+            continue
+        if type(t) is not str:
+            return False
+        src = b.get("source")
+        if src is not None and (type(src) is not dict
+                                or src.get("type") == "content" and type(src.get("content")) not in _TEXTS):
+            return False
+        if t == "tool_result":
+            c = b.get("content")
+            if c is not None and type(c) is not str and (type(c) is not list or not _blocks_ok(c)):
+                return False
+    return True
+
+
+def check_blocks(body: dict) -> None:
+    """The content blocks of a request `check` passed, for what reads them (the translation, count_tokens);
+    a native pass-through leaves them to Anthropic, sparing Claude Code's long conversations the walk."""
+    for i, m in enumerate(body["messages"]):
+        c = m["content"]
+        if type(c) is list and not _blocks_ok(c):
+            _check_blocks(c, f"messages.{i}.content")
+    s = body.get("system")
+    if type(s) is list and not _blocks_ok(s):
+        _check_blocks(s, "system")
+
+
+def _check_blocks(blocks: list, where: str) -> None:
+    """The 400 naming the first block `_blocks_ok` refuses, Anthropic's way (messages.0.content.1.source)."""
+    for j, b in enumerate(blocks):
+        if type(b) is not dict:
+            raise _bad(f"{where}.{j}: Input should be a valid dictionary")
+        t = b.get("type")
+        if t == "text" or t == "tool_use":
+            continue
+        if type(t) is not str:
+            raise _bad(f"{where}.{j}.type: Field required (a string)")
+        src = b.get("source")
+        if src is not None:
+            if type(src) is not dict:
+                raise _bad(f"{where}.{j}.source: Input should be a valid dictionary")
+            if src.get("type") == "content" and type(src.get("content")) not in _TEXTS:
+                raise _bad(f"{where}.{j}.source.content: Input should be a valid string or list")
+        if t == "tool_result":
+            c = b.get("content")
+            if type(c) is list:
+                _check_blocks(c, f"{where}.{j}.content")
+            elif c is not None and type(c) is not str:
+                raise _bad(f"{where}.{j}.content: Input should be a valid string or list")
 
 
 def with_system(body: dict, prompt: str) -> None:
@@ -93,13 +177,15 @@ def _part(b: dict) -> dict | None:
         if type(text) is str and text:
             part = {"type": "text", "text": text}
     elif t == "image":
-        src = b.get("source") or {}
+        src = b.get("source")
+        src = src if type(src) is dict else {}      # (checked by `check`; a stray caller gets nothing)
         if src.get("type") == "base64":
             part = {"type": "image_url", "image_url": {"url": f"data:{src.get('media_type')};base64,{src.get('data')}"}}
         elif src.get("type") == "url":
             part = {"type": "image_url", "image_url": {"url": src.get("url")}}
     elif t == "document":
-        src = b.get("source") or {}
+        src = b.get("source")
+        src = src if type(src) is dict else {}
         if src.get("type") == "base64":
             part = {"type": "file", "file": {"filename": b.get("title") or "document.pdf",
                                              "file_data": f"data:{src.get('media_type')};base64,{src.get('data')}"}}
@@ -108,7 +194,8 @@ def _part(b: dict) -> dict | None:
         elif src.get("type") == "content":
             inner = src.get("content")
             text = inner if type(inner) is str else "\n".join(
-                x.get("text", "") for x in inner or () if type(x) is dict and x.get("type") == "text")
+                x.get("text") or "" for x in (inner if type(inner) is list else ())
+                if type(x) is dict and x.get("type") == "text" and type(x.get("text")) is str)
             part = {"type": "text", "text": text}
     if part is None:
         log.debug("anthropic_messages: %s block dropped (no chat counterpart)", t)
@@ -238,7 +325,7 @@ def _reasoning(body: dict, model: ModelConf, chat: dict) -> None:
         effort = "low" if budget < 2048 else "medium" if budget < 8192 else "high"
     if type(th) is dict and th.get("type") == "disabled":
         effort = None
-    if effort in _EFFORT and takes:
+    if type(effort) is str and effort in _EFFORT and takes:
         chat["reasoning_effort"] = _EFFORT[effort]
     fmt = oc.get("format") if type(oc) is dict else None
     if type(fmt) is dict and fmt.get("type") == "json_schema" and type(fmt.get("schema")) is dict:
@@ -251,6 +338,7 @@ _KNOWN = {"model", "messages", "system", "max_tokens", "stop_sequences", "stream
 
 def to_chat(body: dict, model: ModelConf) -> dict:
     """A Messages request (checked by `check`) -> an OpenAI chat request for `model`'s provider."""
+    check_blocks(body)
     chat: dict = {"model": body["model"], "messages": _messages(body),
                   "max_tokens": min(body["max_tokens"], model.max_output_tokens)}
     for k in ("temperature", "top_p"):
@@ -274,13 +362,14 @@ def to_chat(body: dict, model: ModelConf) -> dict:
 
 # -- response -------------------------------------------------------------------------------------
 def usage_out(u: dict | None) -> dict:
-    """OpenAI usage (prompt_tokens includes cache reads and writes) -> Anthropic usage."""
-    u = u or {}
-    read = (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    write = u.get("cache_creation_input_tokens") or 0
-    return {"input_tokens": max((u.get("prompt_tokens") or 0) - read - write, 0),
+    """OpenAI usage (prompt_tokens includes cache reads and writes; checked by the caller, as billed) ->
+    Anthropic usage."""
+    u = u if type(u) is dict else {}
+    read = count(_details(u, "prompt_tokens_details").get("cached_tokens"))
+    write = count(u.get("cache_creation_input_tokens"))
+    return {"input_tokens": max(count(u.get("prompt_tokens")) - read - write, 0),
             "cache_creation_input_tokens": write, "cache_read_input_tokens": read,
-            "output_tokens": u.get("completion_tokens") or 0}
+            "output_tokens": count(u.get("completion_tokens"))}
 
 
 def _msg_id(chat_id: str | None) -> str:
@@ -438,7 +527,8 @@ def estimate_tokens(body: dict) -> int:
             total += 3
             stack.extend(v)
         elif type(v) is dict:
-            if v.get("type") in ("image", "document") and (v.get("source") or {}).get("type") in ("base64", "url"):
+            src = v.get("source")
+            if v.get("type") in ("image", "document") and type(src) is dict and src.get("type") in ("base64", "url"):
                 total += _IMAGE_TOKENS
                 continue
             for k, x in v.items():
@@ -451,7 +541,7 @@ def estimate_tokens(body: dict) -> int:
 # -- native pass-through (anthropic/*) ------------------------------------------------------------
 def usage_in(u: dict | None) -> dict:
     """Anthropic usage -> the OpenAI usage the accounting reads (prompt_tokens includes cache reads and writes)."""
-    u = u or {}
+    u = u if type(u) is dict else {}
     return cached_usage(u.get("input_tokens") or 0, u.get("cache_read_input_tokens") or 0,
                         u.get("cache_creation_input_tokens") or 0, u.get("output_tokens") or 0)
 

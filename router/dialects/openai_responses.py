@@ -29,7 +29,7 @@ from common.asgi import HTTPError
 
 from ..catalog import ModelConf
 from ..sse import parse_event
-from . import ChunkEvents, NativeRelay
+from . import ChunkEvents, NativeRelay, _details, count
 
 log = logging.getLogger("cborg.dialects")
 
@@ -49,8 +49,61 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{os.urandom(16).hex()}"
 
 
-def _bad(message: str, param: str | None = None) -> HTTPError:
-    return HTTPError(400, message, param=param, code="invalid_value" if param else None)
+def _bad(message: str, param: str | None = None, code: str | None = None) -> HTTPError:
+    return HTTPError(400, message, param=param, code=code or ("invalid_value" if param else None))
+
+
+_JSON_KINDS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+               dict: "an object"}
+# Fields a Response echoes back (or the translation reads), with the JSON types the API documents for them;
+# null is always allowed.
+_TYPES = (("user", (str,), "a string"), ("store", (bool,), "a boolean"),
+          ("parallel_tool_calls", (bool,), "a boolean"), ("tools", (list,), "an array"),
+          ("tool_choice", (str, dict), "a string or an object"), ("max_output_tokens", (int,), "an integer"),
+          ("temperature", (int, float), "a number"), ("top_p", (int, float), "a number"),
+          ("text", (dict,), "an object"), ("reasoning", (dict,), "an object"), ("metadata", (dict,), "an object"))
+METADATA_PAIRS, METADATA_KEY, METADATA_VALUE = 16, 64, 512
+
+
+def _type_error(param: str, want: str, v) -> HTTPError:
+    return _bad(f"Invalid type for '{param}': expected {want}, but got {_JSON_KINDS.get(type(v), 'null')} instead.",
+                param, "invalid_type")
+
+
+def _check_types(body: dict) -> None:
+    """The echoed fields have their documented types (a Response that cannot be written back is not
+    sent upstream first); plain type checks, no walk of the values but metadata's (16 pairs at most)."""
+    for k, types, want in _TYPES:
+        v = body.get(k)
+        if v is not None and type(v) not in types:
+            raise _type_error(k, want, v)
+    for i, t in enumerate(body.get("tools") or ()):
+        if type(t) is not dict:
+            raise _type_error(f"tools[{i}]", "an object", t)
+    text = body.get("text")
+    if text is not None and text.get("format") is not None and type(text["format"]) is not dict:
+        raise _type_error("text.format", "an object", text["format"])
+    r = body.get("reasoning")
+    if r is not None:
+        for k in ("effort", "summary"):
+            if r.get(k) is not None and type(r[k]) is not str:
+                raise _type_error(f"reasoning.{k}", "a string", r[k])
+    md = body.get("metadata")
+    if md:
+        if len(md) > METADATA_PAIRS:
+            raise _bad(f"Invalid 'metadata': too many properties. Expected an object with at most {METADATA_PAIRS} "
+                       f"properties, but got an object with {len(md)} properties instead.", "metadata",
+                       "object_above_max_properties")
+        for k, v in md.items():
+            if len(k) > METADATA_KEY:
+                raise _bad(f"Invalid 'metadata': key too long. Expected keys of at most {METADATA_KEY} characters, "
+                           f"but got a key with length {len(k)} instead.", "metadata", "string_above_max_length")
+            if type(v) is not str:
+                raise _type_error(f"metadata.{k}", "a string", v)
+            if len(v) > METADATA_VALUE:
+                raise _bad(f"Invalid 'metadata.{k}': string too long. Expected a string with maximum length "
+                           f"{METADATA_VALUE}, but got a string with length {len(v)} instead.", f"metadata.{k}",
+                           "string_above_max_length")
 
 
 def check(body: dict) -> None:
@@ -65,6 +118,7 @@ def check(body: dict) -> None:
     if body.get("background") is True:
         raise _bad("background responses are not supported by this gateway; send the request without it.",
                    "background")
+    _check_types(body)
 
 
 def input_items(body: dict) -> list[dict]:
@@ -87,7 +141,7 @@ def tool_kinds(body: dict) -> dict[str, str]:
     kinds = {}
     for t in body.get("tools") or ():
         if type(t) is dict:
-            if t.get("type") == "custom" and t.get("name"):
+            if t.get("type") == "custom" and type(t.get("name")) is str:
                 kinds[t["name"]] = "custom"
             elif t.get("type") == "local_shell":
                 kinds["local_shell"] = "local_shell"
@@ -98,7 +152,7 @@ def _parts(content) -> list[dict] | str:
     if type(content) is str:
         return content
     out = []
-    for p in content or ():
+    for p in content if type(content) is list else ():
         if type(p) is not dict:
             continue
         t = p.get("type")
@@ -159,7 +213,8 @@ def _messages(body: dict, items: list[dict]) -> list[dict]:
             _call(msgs, it.get("call_id") or "", it.get("name") or "",
                   orjson.dumps({"input": it.get("input") or ""}).decode())
         elif t == "local_shell_call":
-            action = {k: v for k, v in (it.get("action") or {}).items() if k != "type"}
+            action = it.get("action")
+            action = {k: v for k, v in action.items() if k != "type"} if type(action) is dict else {}
             _call(msgs, it.get("call_id") or it.get("id") or "", "local_shell", orjson.dumps(action).decode())
         elif t in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
             out = it.get("output")
@@ -181,10 +236,10 @@ def _tools(body: dict, chat: dict) -> None:
             if t.get("strict") is True:
                 fn["strict"] = True
         elif kind == "custom" and t.get("name"):
-            fmt = t.get("format") or {}
+            fmt, desc = t.get("format"), t.get("description")
             hint = f" The input follows this {fmt.get('syntax')} grammar:\n{fmt.get('definition')}" \
-                if fmt.get("type") == "grammar" else ""
-            fn = {"name": t["name"], "description": (t.get("description") or "") + hint, "parameters": {
+                if type(fmt) is dict and fmt.get("type") == "grammar" else ""
+            fn = {"name": t["name"], "description": (desc if type(desc) is str else "") + hint, "parameters": {
                 "type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}}
         elif kind == "local_shell":
             fn = {"name": "local_shell", "description": "Run a command in a local shell.", "parameters": LOCAL_SHELL}
@@ -233,28 +288,33 @@ def to_chat(body: dict, model: ModelConf, items: list[dict]) -> dict:
     for k in body.keys() - _KNOWN:
         if k not in _DROP:
             log.debug("openai_responses: unknown field %r dropped", k)
+    # What the Response echoes but the chat request may not carry (a hosted tool, a text.format key) must be
+    # writable too: orjson's JSONEncodeError here is the pipeline's 400 (too deep), before the upstream call.
+    orjson.dumps((body.get("tools"), body.get("tool_choice"), fmt))
     return chat
 
 
 # -- response -------------------------------------------------------------------------------------
 def usage_out(u: dict | None) -> dict:
-    """OpenAI chat usage -> Responses usage."""
-    u = u or {}
-    p, c = u.get("prompt_tokens") or 0, u.get("completion_tokens") or 0
+    """OpenAI chat usage (checked by the caller, as billed) -> Responses usage."""
+    u = u if type(u) is dict else {}
+    p, c = count(u.get("prompt_tokens")), count(u.get("completion_tokens"))
     return {"input_tokens": p,
-            "input_tokens_details": {"cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0},
+            "input_tokens_details": {"cached_tokens": count(_details(u, "prompt_tokens_details").get("cached_tokens"))},
             "output_tokens": c,
             "output_tokens_details": {"reasoning_tokens":
-                                      (u.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0},
+                                      count(_details(u, "completion_tokens_details").get("reasoning_tokens"))},
             "total_tokens": p + c}
 
 
 def usage_in(u: dict | None) -> dict:
-    """Responses usage (a native answer) -> the OpenAI chat usage the accounting reads."""
-    u = u or {}
+    """Responses usage (a native answer) -> the OpenAI chat usage the accounting reads (which checks the
+    counts, so odd ones are kept for it to name)."""
+    u = u if type(u) is dict else {}
     p, c = u.get("input_tokens") or 0, u.get("output_tokens") or 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": (u.get("input_tokens_details") or {}).get("cached_tokens") or 0}}
+    return {"prompt_tokens": p, "completion_tokens": c,
+            "total_tokens": p + c if type(p) is int and type(c) is int else 0,
+            "prompt_tokens_details": {"cached_tokens": _details(u, "input_tokens_details").get("cached_tokens") or 0}}
 
 
 def _output_item(kind: str | None, call_id: str, name: str, arguments: str) -> dict:

@@ -191,7 +191,7 @@ def normalize_usage(usage: dict | None) -> dict:
     Counts are not checked here (a number of the wrong type or size is kept as it came): the
     pipeline checks every call's usage once, naming the upstream (router/accounting/usage.py).
     """
-    u = dict(usage) if usage else {}
+    u = dict(usage) if type(usage) is dict else {}     # (a list or a string from an odd upstream: none)
     p = u["prompt_tokens"] = u.get("prompt_tokens") or 0
     c = u["completion_tokens"] = u.get("completion_tokens") or 0
     if not u.get("total_tokens"):

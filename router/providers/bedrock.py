@@ -49,6 +49,8 @@ _IMAGE_FORMATS = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
 # Model families (ids without a cross-region prefix) by what their Converse support lacks or has:
 # no tool use while streaming (AWS's model feature table); toolChoice `any` and `tool` (ToolChoice).
 _NO_STREAM_TOOLS = ("meta.", "mistral.")
+READS_WHOLE_ANSWERS = True   # the stream translator also reads a Converse JSON answer (asked for where
+#                              Bedrock cannot stream tool calls): the pipeline lets application/json through
 _CHOICE_ANY = ("anthropic.", "mistral.mistral-large", "amazon.nova")
 _CHOICE_TOOL = ("anthropic.", "amazon.nova")
 _REGION_PREFIXES = ("us.", "eu.", "apac.", "us-gov.", "global.", "jp.", "au.", "sa.", "amer.")

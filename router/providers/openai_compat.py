@@ -155,7 +155,8 @@ class PassthroughStream(SSETranslator):
             if type(obj) is dict:
                 u = obj.get("usage")
                 if u:
-                    self.usage = u
+                    if type(u) is dict:    # (anything else is no usage: the pipeline counts what was delivered)
+                        self.usage = u
                     if not obj.get("choices"):
                         self.template = obj
                         return

@@ -99,6 +99,8 @@ class MockAnthropic:
         if not isinstance(b, dict) or "type" not in b:
             raise Invalid(f"{where}: Input should be a valid dictionary or object to extract fields from")
         t = b["type"]
+        if t in ("image", "document") and not isinstance(b.get("source"), dict):
+            raise Invalid(f"{where}.source: Input should be a valid dictionary or object to extract fields from")
         if t == "text":
             if not isinstance(b.get("text"), str):
                 raise Invalid(f"{where}.text: Field required")

@@ -83,7 +83,7 @@ def test_deeply_nested_json(cgw, ckey, fresh, model, depth):
 def test_messages_api_answers_in_its_own_shape(cgw, ckey, fresh):
     model = MODELS["anthropic"]
     for body, word in (({"stream": "yes"}, "stream"), ({"stop_sequences": 5}, "stop_sequences"),
-                       ({"metadata": nested(600)}, "nested")):
+                       ({"metadata": {"user_id": nested(600)}}, "nested"), ({"metadata": nested(600)}, "metadata")):
         r = post(cgw, ckey, "/v1/messages", {"model": model, "max_tokens": 10, "messages": MSG, **body}, anthropic=True)
         assert r.status_code == 400, r.text[:300]
         j = r.json()
@@ -91,7 +91,9 @@ def test_messages_api_answers_in_its_own_shape(cgw, ckey, fresh):
 
 
 def test_responses_api(cgw, ckey, fresh):
-    for body, word in (({"stream": "yes"}, "stream"), ({"metadata": nested(600)}, "nested")):
+    deep_tool = [{"type": "function", "name": "f", "parameters": {"type": "object", "default": nested(600)}}]
+    for body, word in (({"stream": "yes"}, "stream"), ({"tools": deep_tool}, "nested"),
+                       ({"metadata": nested(600)}, "metadata")):
         openai_400(post(cgw, ckey, "/v1/responses", {"model": MODELS["openai"], "input": "hi", **body}), word)
 
 
