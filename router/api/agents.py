@@ -19,7 +19,7 @@ from .. import upstream_errors
 from ..agents import MessagesCall, ResponsesCall, owned_response
 from ..auth import bearer_token
 from ..dialects import anthropic_messages as am
-from ..pipeline import TOO_DEEP, apply_alias, apply_defaults, parse_object
+from ..pipeline import TOO_DEEP, Call, apply_alias, apply_defaults, parse_object
 from ..providers import adapter
 from ..upstream import Timeouts, UpstreamError
 
@@ -102,6 +102,23 @@ async def _count_tokens(gw: "Gateway", req: Request) -> Response:
     otherwise `am.estimate_tokens`, which is meant never to undercount. Not an inference call: no ledger row."""
     inbound = _CountRequest(gw, req.headers)
     key, raw, body, route = await gw.pipeline._accept(req, "chat", inbound)
+    # The key's parallel and request-rate limits (and a spent budget) apply as to any call: it may
+    # cost an upstream call, against the lab's own rate limits. No tokens are counted against it.
+    call = Call(gw, key, route, "chat", False)
+    call.endpoint = "messages/count_tokens"
+    try:
+        adm = gw.limiter.admit_now(call)
+        call.admission = adm if adm is not None else await gw.limiter.admit(call)
+    except HTTPError as e:
+        gw.accountant.refused(call, e)
+        raise
+    try:
+        return await _count(gw, req, body, route)
+    finally:
+        call.admission.finish(call)
+
+
+async def _count(gw: "Gateway", req: Request, body: dict, route) -> Response:
     ep, release = gw.endpoint_for(route)
     try:
         if route.provider.protocol == "anthropic":

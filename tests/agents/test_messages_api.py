@@ -194,6 +194,18 @@ def test_count_tokens(client, fresh):
     assert est.input_tokens >= sent.usage.input_tokens    # the estimate does not undercount what was billed
 
 
+def test_count_tokens_within_the_keys_limits(cgw, fresh):
+    # each may call Anthropic with the lab's key: a key at its request rate is refused, as for messages
+    c = anthropic.Anthropic(api_key=cgw.new_key("counter@lbl.gov", rpm_limit=2), base_url=cgw.url, max_retries=0)
+    ask = {"model": "anthropic/claude-sonnet", "messages": [{"role": "user", "content": "hi"}]}
+    for _ in range(2):
+        assert c.messages.count_tokens(**ask).input_tokens > 0
+    with pytest.raises(anthropic.RateLimitError) as e:
+        c.messages.count_tokens(**ask)
+    assert e.value.body["type"] == "error" and e.value.response.headers.get("retry-after")
+    assert sum(r["path"] == "/v1/messages/count_tokens" for r in fresh.anthropic.requests) == 2
+
+
 def test_models_in_anthropic_shape(cgw, ckey):
     r = httpx.get(cgw.url + "/v1/models", headers={"x-api-key": ckey, "anthropic-version": "2023-06-01"})
     body = r.json()
