@@ -11,6 +11,7 @@ import logging
 import httpx
 import pytest
 
+from router.accounting.ledger import LEDGER_COLUMNS
 from router.accounting.usage import MAX_TOKENS, valid_usage
 from tests.conftest import running_gateway
 from tests.mocks.openai_mock import Scripted
@@ -89,18 +90,21 @@ def test_a_row_the_database_refuses_is_quarantined(tmp_path, fresh_mock, backend
         led = gw.gw.ledger
 
         async def poison():
-            good = led._rows[0]
+            await led.flush()             # (a loaded machine may have flushed them already)
+            stored = (await gw.gw.store.ledger_rows())[0]
+            good = tuple(stored[c] for c in LEDGER_COLUMNS)
             led.add(("bad-1", *good[1:7], 10**19, *good[8:]), (None, None))
+            led.add(("good-4", *good[1:]), (None, None))        # in the same flush as the bad ones
             led.add(("bad-2", *good[1:9], -10**20, *good[10:]), (None, None))
             await led.flush()
         gw.run(poison())
         assert led.pending() == 0 and led.quarantined == 2
         rows = gw.run(gw.gw.store.ledger_rows())
         assert sorted(r["request_id"] for r in rows if r["request_id"].startswith("bad")) == []
-        assert len(rows) == 3
+        assert len(rows) == 4 and "good-4" in [r["request_id"] for r in rows]
         assert httpx.post(gw.url + "/v1/chat/completions", json=CHAT, headers=h, timeout=30).status_code == 200
         gw.run(led.flush())
-        assert len(gw.run(gw.gw.store.ledger_rows())) == 4
+        assert len(gw.run(gw.gw.store.ledger_rows())) == 5
         m = httpx.get(gw.url + "/metrics", timeout=10).text
         assert "cborg_ledger_quarantined_rows_total 2.0" in m
     logged = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import sqlite3
 import time
@@ -175,15 +176,31 @@ class SQLiteStore:
 
     def _call(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._db is None:
-            d = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(d, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._db = db
+            self._db = self._connect()
         return fn(self._db)
+
+    def _connect(self) -> sqlite3.Connection:
+        d = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(d, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def _first_open(self) -> None:
+        """Connect and migrate holding a lock file beside the database: processes starting together
+        on a fresh file (`--workers N`) take turns. Switching a new file to WAL needs it alone, and
+        SQLite answers "database is locked" at once there instead of waiting (seen with six at once)."""
+        with open(os.path.abspath(self.path) + ".init-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self._db is None:
+                    self._db = self._connect()
+                self._migrate(self._db, MIGRATIONS)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @staticmethod
     def _migrate(db: sqlite3.Connection, migrations: list[str]) -> None:
@@ -206,7 +223,7 @@ class SQLiteStore:
         db.execute("COMMIT")
 
     async def init(self) -> None:
-        await self._run(lambda db: self._migrate(db, MIGRATIONS))
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._first_open)
 
     async def close(self) -> None:
         def _close(db: sqlite3.Connection) -> None:
