@@ -45,8 +45,8 @@ def _race(url: str) -> list[tuple]:
 def test_concurrent_first_start_migrates_once(backend, tmp_path, request):
     url = request.getfixturevalue("pg_url") if backend == "postgres" else f"sqlite:///{tmp_path / 'race.db'}"
     for attempt in range(3):                  # the window is narrow: try it a few times on fresh stores
-        if backend == "sqlite":
-            url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
+        if backend == "sqlite":        # in a folder not made yet, as a first `cborg serve`'s CBORG_HOME
+            url = f"sqlite:///{tmp_path / f'home{attempt}' / 'race.db'}"
         got = _race(url)
         assert got == [("ok", True)] * PROCS, got
         if backend == "postgres":

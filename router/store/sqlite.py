@@ -180,8 +180,7 @@ class SQLiteStore:
         return fn(self._db)
 
     def _connect(self) -> sqlite3.Connection:
-        d = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(d, exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
@@ -193,7 +192,9 @@ class SQLiteStore:
         """Connect and migrate holding a lock file beside the database: processes starting together
         on a fresh file (`--workers N`) take turns. Switching a new file to WAL needs it alone, and
         SQLite answers "database is locked" at once there instead of waiting (seen with six at once)."""
-        with open(os.path.abspath(self.path) + ".init-lock", "a") as lock:
+        path = os.path.abspath(self.path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)     # (a new CBORG_HOME)
+        with open(path + ".init-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if self._db is None:
