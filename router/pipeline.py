@@ -232,13 +232,7 @@ class Pipeline:
             if route.model.fallbacks:     # any of them may serve it: hold what the priciest can cost
                 for r in self._candidates(call)[1:]:
                     call.reserve = max(call.reserve, worst_cost(r.model, body, call.prompt_estimate))
-        try:
-            # Without an await where the limiter can answer at once (the in-process one, nearly always).
-            adm = gw.limiter.admit_now(call)
-            call.admission = adm if adm is not None else await gw.limiter.admit(call)
-        except HTTPError as e:
-            gw.accountant.refused(call, e)
-            raise
+        await self.admit(call)
         gw.metrics.in_flight += 1
         try:
             with CancelOnDisconnect(req):
@@ -254,6 +248,17 @@ class Pipeline:
                 call.status = 500
             if not call.done:
                 call.finish()
+            raise
+
+    async def admit(self, call: Call) -> None:
+        """The call's limits checked and held (call.admission); a refusal is accounted, then raised."""
+        gw = self.gw
+        try:
+            # Without an await where the limiter can answer at once (the in-process one, nearly always).
+            adm = gw.limiter.admit_now(call)
+            call.admission = adm if adm is not None else await gw.limiter.admit(call)
+        except HTTPError as e:
+            gw.accountant.refused(call, e)
             raise
 
     async def _accept(self, req: Request, op: str, inbound: "Inbound | None") -> tuple["KeyRecord", bytes, dict, Route]:

@@ -99,19 +99,15 @@ def register(app: App, gw: "Gateway") -> None:
 
 async def _count_tokens(gw: "Gateway", req: Request) -> Response:
     """Exact for anthropic/* (Anthropic counts) and local models (their engine's tokenizer, where it has one);
-    otherwise `am.estimate_tokens`, which is meant never to undercount. Not an inference call: no ledger row."""
+    otherwise `am.estimate_tokens`, which is meant never to undercount. Not an inference call: no ledger
+    row, unless a limit refuses it (as any refused call)."""
     inbound = _CountRequest(gw, req.headers)
     key, raw, body, route = await gw.pipeline._accept(req, "chat", inbound)
     # The key's parallel and request-rate limits (and a spent budget) apply as to any call: it may
     # cost an upstream call, against the lab's own rate limits. No tokens are counted against it.
     call = Call(gw, key, route, "chat", False)
     call.endpoint = "messages/count_tokens"
-    try:
-        adm = gw.limiter.admit_now(call)
-        call.admission = adm if adm is not None else await gw.limiter.admit(call)
-    except HTTPError as e:
-        gw.accountant.refused(call, e)
-        raise
+    await gw.pipeline.admit(call)
     try:
         return await _count(gw, req, body, route)
     finally:
